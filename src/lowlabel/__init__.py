@@ -1,0 +1,3 @@
+"""lowlabel: brain-tissue segmentation under label budgets, pretraining and transfer."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,69 @@
+"""Atomic file writes: a reader never sees half a file, and a crash leaves the old one intact."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lowlabel.errors import LowlabelError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it over ``path`` only on success.
+
+    Raises:
+        LowlabelError: the folder cannot be written or the disk is full (the old file survives).
+    """
+    path = Path(path)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp" + suffix)
+        os.close(fd)
+    except OSError as err:
+        raise _write_error(path, err) from None
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except OSError as err:
+        tmp_path.unlink(missing_ok=True)
+        raise _write_error(path, err) from None
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def _write_error(path: Path, err: OSError) -> LowlabelError:
+    if err.errno == errno.ENOSPC:
+        return LowlabelError(f"{path}: disk full while writing; free space and rerun with --resume")
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return LowlabelError(f"{path.parent}: folder is not writable; choose another output folder")
+    return LowlabelError(f"{path}: cannot write ({err.strerror}); check the output folder")
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line and flush it to disk; a torn last line is dropped by readers."""
+    try:
+        with open(path, "a") as fh:
+            fh.write(line.rstrip("\n") + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as err:
+        raise _write_error(Path(path), err) from None

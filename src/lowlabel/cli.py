@@ -1,0 +1,173 @@
+"""The ``lowlabel`` command: parse, call one library function, print.
+
+Heavy modules (torch, MONAI) are imported inside the commands so ``lowlabel --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lowlabel.errors import EXIT_USAGE, LowlabelError, find_user_error
+
+app = typer.Typer(
+    help="Brain-tissue segmentation (CSF, GM, WM) under label budgets: train, pretrain, "
+    "transfer, run studies, segment new scans.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Inspect datasets and write the demo cohort.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override a config key, e.g. --set train.steps=500 (repeatable)."),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+def _load(config: Path | None, overrides: list[str] | None, extra: dict | None = None):
+    from lowlabel.config import load_config, parse_set
+
+    values = parse_set(overrides)
+    values.update(extra or {})
+    return load_config(config, values)
+
+
+@app.command()
+def train(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="dataset.json or folder (default: the demo cohort).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for runs (default: runs/).")] = None,
+    init_from: Annotated[Optional[Path], typer.Option("--init-from", help="Pretrained checkpoint or pretraining run folder.")] = None,
+    transfer: Annotated[Optional[str], typer.Option("--transfer", help="scratch, frozen, finetune or gradual.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run (or reuse a finished one).")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a segmentation UNet under a label budget and evaluate it on the test split."""
+    extra: dict = {}
+    if data is not None:
+        extra["data.dataset"] = data
+    if out is not None:
+        extra["out"] = str(out)
+    if init_from is not None:
+        extra["transfer.init_from"] = str(init_from)
+        extra.setdefault("transfer.mode", "finetune")
+    if transfer is not None:
+        extra["transfer.mode"] = transfer
+    cfg = _load(config, set_, extra)
+    from lowlabel.engine.loop import fit
+
+    result = fit(cfg, resume=resume, progress=not quiet)
+    _print_result(result)
+
+
+def _print_result(result) -> None:
+    test = result.test
+    line = (f"run {result.run_dir}: {result.steps} steps (best {result.best_step}), "
+            f"val Dice {result.best_val_dice:.3f}")
+    if test:
+        line += (f"; test Dice {test['mean_dice']:.3f} (CSF {test['dice_csf']:.3f}, "
+                 f"GM {test['dice_gm']:.3f}, WM {test['dice_wm']:.3f})")
+    typer.echo(line)
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
+    data: Annotated[Optional[str], typer.Option("--data", help="Evaluate on all subjects of this dataset instead of the run's test split.")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Evaluate a run's best weights at native resolution (Dice, HD95, volume error)."""
+    from lowlabel.engine.runs import evaluate_run
+
+    summary = evaluate_run(run_dir, data, progress=not quiet)
+    typer.echo(json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                           for k, v in summary.items() if not k.endswith("_sd")}))
+
+
+@data_app.command("check")
+def data_check(
+    dataset: Annotated[Path, typer.Argument(help="dataset.json or folder with images/ and labels/.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Validate a dataset and summarise it: subjects, shapes, spacings, labels, problems."""
+    from lowlabel.data.datasets import check_dataset
+
+    cfg = _load(config, set_)
+    report = check_dataset(dataset, cfg.data.label_map)
+    subjects = report["subjects"]
+    typer.echo(f"{report['source']}: {len(subjects)} labelled subjects readable, "
+               f"{report['unlabelled']} unlabelled images")
+    if subjects:
+        shapes = sorted({tuple(s["shape"]) for s in subjects})
+        spacings = sorted({tuple(s["spacing"]) for s in subjects})
+        counts = [sum(s["label_counts"][i] for s in subjects) for i in range(4)]
+        total = max(sum(counts), 1)
+        typer.echo(f"  shapes: {', '.join('x'.join(map(str, s)) for s in shapes[:6])}"
+                   + (" ..." if len(shapes) > 6 else ""))
+        typer.echo(f"  spacings (mm): {', '.join('x'.join(map(str, s)) for s in spacings[:6])}")
+        typer.echo("  labels: " + ", ".join(
+            f"{n} {100 * c / total:.1f}%" for n, c in zip(("bg", "CSF", "GM", "WM"), counts, strict=True)))
+    for problem in report["problems"]:
+        typer.echo(f"  problem: {problem}")
+    if report["problems"]:
+        raise LowlabelError(f"{dataset}: {len(report['problems'])} problem(s) found; see above")
+
+
+@data_app.command("demo")
+def data_demo(
+    outdir: Annotated[Path, typer.Argument(help="Folder to write the demo cohort into.")],
+    subjects: Annotated[int, typer.Option(help="Number of synthetic subjects.")] = 16,
+    spacing: Annotated[float, typer.Option(help="Voxel size in mm.")] = 2.0,
+) -> None:
+    """Write the synthetic demo cohort (made from nilearn's MNI152 template) as a dataset.json."""
+    from lowlabel.data.demo import make_demo
+
+    if subjects < 3:
+        raise LowlabelError("--subjects: at least 3 are needed for train, validation and test")
+    if outdir.exists() and any(outdir.iterdir()):
+        raise LowlabelError(f"{outdir}: folder exists and is not empty; choose a new folder")
+    index = make_demo(outdir, subjects, spacing)
+    typer.echo(f"wrote {subjects} synthetic subjects: {index}")
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit status 2."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app(standalone_mode=False)
+    except LowlabelError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; rerun with --resume to continue", err=True)
+        sys.exit(130)
+    except Exception as err:  # a user error wrapped by a library keeps its one line
+        import click
+
+        if isinstance(err, click.exceptions.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        if isinstance(err, click.exceptions.Exit):
+            sys.exit(err.exit_code)
+        if isinstance(err, click.exceptions.Abort):
+            sys.exit(1)
+        user = find_user_error(err)
+        if user is None:
+            raise
+        typer.echo(f"error: {user}", err=True)
+        sys.exit(EXIT_USAGE)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,382 @@
+"""Typed, frozen configuration: YAML in, ``--set a.b=value`` overrides, named-key validation.
+
+A run is fully described by one :class:`RunConfig`. The YAML file mirrors it section by section;
+keys left out take the defaults below. An unknown key or a value of the wrong type is a
+:class:`~lowlabel.errors.LowlabelError` that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from lowlabel.errors import LowlabelError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the scans come from and how they are preprocessed.
+
+    Attributes:
+        dataset: a ``dataset.json``, a folder with ``images/`` and ``labels/``, or ``None`` for the
+            embedded synthetic demo cohort.
+        label_map: remaps the dataset's label values onto 0 background, 1 CSF, 2 GM, 3 WM.
+        spatial_dims: 3 trains on volume patches, 2 on axial slices of the same volumes.
+        spacing: target voxel spacing in mm (x, y, z) after reorientation to RAS.
+        patch_size: training patch, and sliding-window size at inference; for 2D two numbers.
+        n_test, n_val: sizes of the fixed test and validation sets.
+        budget: labelled training subjects; 0 means all that remain after test and validation.
+        split_seed: draws the fixed test and validation sets.
+        draw: draws which subjects are labelled; budgets of one draw are nested.
+        cache: ``memory`` keeps preprocessed volumes in RAM, ``disk`` also persists them.
+        pos_fraction: share of training patches centred on brain tissue rather than anywhere.
+        demo_subjects, demo_spacing: size and resolution of the demo cohort.
+    """
+
+    dataset: str | None = None
+    label_map: dict[int, int] | None = None
+    spatial_dims: Literal[2, 3] = 3
+    spacing: tuple[float, ...] = (1.0, 1.0, 1.0)
+    patch_size: tuple[int, ...] = (64, 64, 64)
+    n_test: int = 6
+    n_val: int = 3
+    budget: int = 3
+    split_seed: int = 0
+    draw: int = 0
+    cache: Literal["memory", "disk"] = "memory"
+    pos_fraction: float = 0.9
+    demo_subjects: int = 16
+    demo_spacing: float = 2.0
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """On-the-fly random transforms for training patches (MONAI), applied after the cache."""
+
+    enabled: bool = True
+    flip_prob: float = 0.5
+    affine_prob: float = 0.3
+    rotate_deg: float = 10.0
+    scale: float = 0.1
+    elastic_prob: float = 0.0
+    intensity_prob: float = 0.5
+    intensity_scale: float = 0.1
+    intensity_shift: float = 0.1
+    gamma_prob: float = 0.3
+    bias_field_prob: float = 0.2
+    noise_prob: float = 0.2
+    noise_std: float = 0.05
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The segmentation network (MONAI ``UNet`` unless ``name`` says otherwise).
+
+    Attributes:
+        levels: resolution levels, 3 to 6; channels double at each.
+        channels: channels at the first level.
+        num_res_units: residual units per block (MONAI ``UNet``).
+    """
+
+    name: Literal["unet", "dynunet"] = "unet"
+    levels: int = 4
+    channels: int = 16
+    num_res_units: int = 0
+    dropout: float = 0.0
+    norm: Literal["instance", "batch"] = "instance"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop.
+
+    Attributes:
+        steps: step budget (optimizer updates).
+        val_every: validate every this many steps.
+        patience: validations without improvement of more than ``min_delta`` before stopping;
+            0 disables early stopping.
+        threads: torch threads, 0 for all cores.
+        bf16: bfloat16 autocast on the CPU (changes numerics; opt-in).
+        workers: data-loader worker processes preparing batches ahead of the step.
+    """
+
+    steps: int = 2000
+    batch_size: int = 2
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    val_every: int = 100
+    patience: int = 5
+    min_delta: float = 0.0
+    threads: int = 0
+    bf16: bool = False
+    workers: int = 0
+    sw_batch_size: int = 4
+    sw_overlap: float = 0.25
+    checkpoint_every: int = 0
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """How a segmentation run starts from a pretrained checkpoint.
+
+    Attributes:
+        init_from: a pretraining run folder or its ``.safetensors`` checkpoint; None trains from
+            scratch.
+        mode: ``scratch`` ignores ``init_from``; ``frozen`` keeps the encoder fixed;
+            ``finetune`` trains everything (encoder at ``encoder_lr_scale`` times the rate);
+            ``gradual`` starts frozen and unfreezes after ``unfreeze_after`` steps.
+    """
+
+    init_from: str | None = None
+    mode: Literal["scratch", "frozen", "finetune", "gradual"] = "scratch"
+    encoder_lr_scale: float = 1.0
+    unfreeze_after: int = 0
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Self-supervised pretraining on unlabelled scans.
+
+    Attributes:
+        method: ``autoencoder`` (UNet-shaped, as in the original study), ``noskip`` (encoder-decoder
+            without skip connections), ``genesis`` (Models Genesis style restoration).
+        save_steps: steps at which a checkpoint is kept for later transfer.
+    """
+
+    method: Literal["autoencoder", "noskip", "genesis", "denoise"] = "autoencoder"
+    steps: int = 1000
+    save_steps: tuple[int, ...] = ()
+    lr: float = 1e-3
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines one training or pretraining run."""
+
+    name: str = "run"
+    seed: int = 0
+    out: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+    def replace(self, **overrides: Any) -> RunConfig:
+        """A copy with dotted-key overrides, e.g. ``cfg.replace(**{"train.steps": 10})``."""
+        return apply_overrides(self, overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass with validation
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except LowlabelError as err:
+                errors.append(str(err))
+        raise LowlabelError(errors[0] if errors else f"config key '{key}': must not be null")
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise LowlabelError(f"config key '{key}': {value!r} is not one of {choices}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise LowlabelError(f"config key '{key}': expected a mapping, got {value!r}")
+        return _from_dict(tp, value, key + ".")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise LowlabelError(f"config key '{key}': expected a list, got {value!r}")
+        item_tp = args[0] if args else Any
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise LowlabelError(f"config key '{key}': expected a mapping, got {value!r}")
+        ktp, vtp = args
+        return {_coerce(k, ktp, key): _coerce(v, vtp, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lstrip("-").isdigit():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise LowlabelError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+
+
+def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise LowlabelError(f"unknown config key '{prefix}{key}' (known keys here: {known})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain, JSON- and YAML-safe dict of a config (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return {k: plain(v) if not dataclasses.is_dataclass(v) else to_dict(v)
+            for k, v in ((f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg))}
+
+
+def from_dict(data: dict) -> RunConfig:
+    """Build a validated :class:`RunConfig`; unknown keys and wrong types name the key."""
+    if not isinstance(data, dict):
+        raise LowlabelError("a config must be a mapping of sections (data, model, train, ...)")
+    cfg = _from_dict(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise LowlabelError(f"config key '{key}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_set(items: list[str] | None) -> dict[str, Any]:
+    """``["train.steps=10", "data.spacing=[2,2,2]"]`` -> ``{"train.steps": 10, ...}`` (YAML values)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise LowlabelError(f"--set '{item}': expected key=value, e.g. --set train.steps=500")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    data = to_dict(cfg)
+    for key, value in overrides.items():
+        _set_dotted(data, key, value)
+    return from_dict(data)
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML config (or start from defaults when ``path`` is None) and apply overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise LowlabelError(f"{path}: config file not found; pass an existing YAML file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            line = getattr(getattr(err, "problem_mark", None), "line", None)
+            where = f" (line {line + 1})" if line is not None else ""
+            raise LowlabelError(f"{path}: not valid YAML{where}; fix the syntax") from None
+        if not isinstance(data, dict):
+            raise LowlabelError(f"{path}: a config must be a mapping of sections")
+        dataset = data.get("data", {}).get("dataset") if isinstance(data.get("data"), dict) else None
+        if isinstance(dataset, str) and not Path(dataset).is_absolute():
+            candidate = (path.parent / dataset)
+            if candidate.exists() and not Path(dataset).exists():
+                data["data"]["dataset"] = str(candidate)
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    return from_dict(data)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that the types alone cannot express."""
+    d, m, t = cfg.data, cfg.model, cfg.train
+    if len(d.patch_size) != d.spatial_dims:
+        raise LowlabelError(
+            f"config key 'data.patch_size': {list(d.patch_size)} has {len(d.patch_size)} numbers "
+            f"but data.spatial_dims is {d.spatial_dims}"
+        )
+    if len(d.spacing) != 3 or min(d.spacing) <= 0:
+        raise LowlabelError("config key 'data.spacing': give three positive numbers in mm")
+    if not 3 <= m.levels <= 6:
+        raise LowlabelError(f"config key 'model.levels': {m.levels} is outside 3..6")
+    factor = 2 ** (m.levels - 1)
+    bad = [p for p in d.patch_size if p % factor]
+    if bad:
+        raise LowlabelError(
+            f"config key 'data.patch_size': {list(d.patch_size)} must be divisible by {factor} "
+            f"for a {m.levels}-level network"
+        )
+    for key, value in (("data.budget", d.budget), ("data.n_val", d.n_val), ("data.n_test", d.n_test),
+                       ("train.steps", t.steps), ("train.patience", t.patience)):
+        if value < 0:
+            raise LowlabelError(f"config key '{key}': must be >= 0, got {value}")
+    for key, value in (("train.batch_size", t.batch_size), ("train.val_every", t.val_every),
+                       ("model.channels", m.channels)):
+        if value < 1:
+            raise LowlabelError(f"config key '{key}': must be >= 1, got {value}")
+    if d.label_map is not None:
+        bad_targets = sorted(v for v in d.label_map.values() if v not in (0, 1, 2, 3))
+        if bad_targets:
+            raise LowlabelError(
+                f"config key 'data.label_map': targets {bad_targets} are not 0..3 "
+                "(0 background, 1 CSF, 2 GM, 3 WM)"
+            )
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """A short digest of everything that changes results (not ``name`` or ``out``)."""
+    data = to_dict(cfg)
+    data.pop("name")
+    data.pop("out")
+    blob = json.dumps(data, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:8]
+
+
+def run_dir(cfg: RunConfig) -> Path:
+    """Where a run lives: ``<out>/<name>-<hash>``, so the same config always finds its folder."""
+    return Path(cfg.out) / f"{cfg.name}-{config_hash(cfg)}"
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

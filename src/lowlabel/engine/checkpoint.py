@@ -1,0 +1,96 @@
+"""Checkpoints that describe themselves: safetensors tensors plus JSON metadata.
+
+A checkpoint holds the model weights (``model.*``), optionally the optimizer state (``optim.*``)
+and RNG state (``rng.*``), and in its metadata the resolved config, step and best metric. Loading
+never unpickles: a file that is not safetensors is refused before anything in it is interpreted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lowlabel.atomic import atomic_path
+from lowlabel.errors import LowlabelError
+
+META_KEY = "lowlabel"
+
+
+def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write tensors and metadata atomically (temporary name, then rename)."""
+    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(flat, str(tmp), metadata={META_KEY: json.dumps(meta)})
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The metadata of a checkpoint without loading its tensors."""
+    from safetensors import safe_open
+
+    path = _check(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise _refuse(path, err) from None
+    return json.loads(meta.get(META_KEY, "{}"))
+
+
+def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load ``(tensors, meta)``; refuses anything that is not a safetensors file."""
+    path = _check(path)
+    meta = read_meta(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise _refuse(path, err) from None
+    return tensors, meta
+
+
+def _check(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise LowlabelError(f"{path}: checkpoint not found")
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    # a safetensors file starts with an 8-byte little-endian header length, then '{'
+    if len(head) < 9 or head[8:9] != b"{" or head[:2] in (b"\x80\x02", b"\x80\x04", b"PK"):
+        raise LowlabelError(
+            f"{path}: not a safetensors checkpoint (a pickle or zip file?); lowlabel never "
+            "unpickles weights, export them with safetensors"
+        )
+    return path
+
+
+def _refuse(path: Path, err: Exception) -> LowlabelError:
+    return LowlabelError(f"{path}: not a readable safetensors checkpoint ({err}); re-create it")
+
+
+def split(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under ``prefix.`` with the prefix removed."""
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Flatten an optimizer's state into tensors plus JSON-safe param groups."""
+    state = optimizer.state_dict()
+    tensors = {}
+    for pid, entry in state["state"].items():
+        for key, value in entry.items():
+            tensors[f"optim.{pid}.{key}"] = torch.as_tensor(value)
+    return tensors, {"param_groups": state["param_groups"]}
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                   groups: dict) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in split(tensors, "optim").items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups["param_groups"]})

@@ -1,0 +1,51 @@
+"""Sliding-window prediction shared by validation, evaluation and segmentation."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from monai.inferers import sliding_window_inference
+from torch import nn
+
+from lowlabel.config import RunConfig
+from lowlabel.data.transforms import patch_shape
+
+
+class SliceModel(nn.Module):
+    """Runs a 2D network on ``(B, C, H, W, 1)`` windows, so 2D and 3D share one inferer."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x[..., 0])[..., None]
+
+
+def autocast(enabled: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, image: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
+    """Logits for one preprocessed volume.
+
+    Args:
+        image: ``(1, X, Y, Z)`` preprocessed scan.
+
+    Returns:
+        ``(4, X, Y, Z)`` float32 logits on the same grid.
+    """
+    predictor = SliceModel(model) if cfg.data.spatial_dims == 2 else model
+    roi = patch_shape(cfg.data)
+    sw_batch = cfg.train.sw_batch_size * (8 if cfg.data.spatial_dims == 2 else 1)
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast(cfg.train.bf16):
+            out = sliding_window_inference(image[None].float(), roi, sw_batch, predictor,
+                                           overlap=cfg.train.sw_overlap, mode="gaussian")
+    finally:
+        model.train(was_training)
+    return out[0].float()

@@ -1,0 +1,323 @@
+"""``fit(cfg) -> RunResult``: the one training loop, readable top to bottom.
+
+Batch ``i`` is a pure function of ``(seed, i)``, so a run resumed from a checkpoint sees exactly
+the batches the uninterrupted run would have seen, whatever the number of loader workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from monai.metrics import DiceMetric
+from monai.networks.utils import one_hot
+from monai.transforms import Compose
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowlabel.atomic import append_line, write_json, write_text
+from lowlabel.config import RunConfig, dump_yaml, run_dir, to_dict
+from lowlabel.data.datasets import Dataset, load_dataset
+from lowlabel.data.demo import demo_dataset
+from lowlabel.data.io import spacing_of
+from lowlabel.data.splits import dataset_key, labelled, load_or_make, save
+from lowlabel.data.transforms import augment, index_foreground, preprocess
+from lowlabel.engine import checkpoint
+from lowlabel.engine.inference import autocast, predict_logits
+from lowlabel.errors import LowlabelError, unwrap
+from lowlabel.models.unet import build_model, count_parameters
+from lowlabel.provenance import peak_rss_mb, provenance
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports (also saved as ``result.json`` in its folder)."""
+
+    run_dir: str
+    steps: int
+    best_step: int
+    best_val_dice: float
+    stopped_early: bool
+    train_seconds: float
+    prep_seconds: float
+    peak_rss_mb: float
+    n_labelled: int
+    test: dict
+
+    @classmethod
+    def load(cls, path: Path) -> RunResult:
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def seed_everything(seed: int) -> None:
+    """The one place where seeds are set."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def set_threads(threads: int) -> None:
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+
+
+def resolve_dataset(cfg: RunConfig) -> Dataset:
+    source = cfg.data.dataset or str(demo_dataset(cfg.data.demo_subjects, cfg.data.demo_spacing))
+    return load_dataset(source)
+
+
+def resolve_splits(cfg: RunConfig, ds: Dataset) -> dict:
+    """The saved split file for this dataset and split seed, made on first use."""
+    d = cfg.data
+    path = Path(cfg.out) / "splits" / f"{dataset_key(ds.source, ds.ids)}-seed{d.split_seed}.json"
+    splits = load_or_make(path, ds.ids, d.n_test, d.n_val, d.split_seed)
+    before = json.dumps(splits, sort_keys=True)
+    train_ids = labelled(splits, d.budget, d.draw)
+    if json.dumps(splits, sort_keys=True) != before or not path.exists():
+        save(path, splits)
+    return {"source": ds.source, "split_file": str(path), "test": splits["test"],
+            "val": splits["val"], "train": train_ids}
+
+
+def cache(subjects: list[dict], transform, desc: str, progress: bool) -> list[dict]:
+    """Preprocess each subject once; epochs never decode gzip again."""
+    out = []
+    for subject in tqdm(subjects, desc=desc, disable=not progress, leave=False):
+        keys = {k: subject[k] for k in ("image", "label")}
+        out.append(unwrap(transform, keys))
+    return out
+
+
+class Batches(torch.utils.data.Dataset):
+    """Map-style dataset whose item ``i`` is training batch ``i``: ``(image, label)`` tensors of
+    shape ``(B, 1, *patch)``, drawn from the cache with randomness seeded by ``(seed, i)``."""
+
+    def __init__(self, items: list[dict], transform: Compose, batch_size: int, seed: int) -> None:
+        self.items, self.transform = items, transform
+        self.batch_size, self.seed = batch_size, seed
+
+    def __len__(self) -> int:
+        return 2**31 - 1
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, int(step)])
+        images, labels = [], []
+        for _ in range(self.batch_size):
+            item = self.items[int(rng.integers(len(self.items)))]
+            self.transform.set_random_state(seed=int(rng.integers(2**31)))
+            sample = self.transform(item)
+            sample = sample[0] if isinstance(sample, list) else sample
+            images.append(torch.as_tensor(sample["image"]).float())
+            labels.append(torch.as_tensor(sample["label"]).float())
+        return torch.stack(images), torch.stack(labels)
+
+
+@torch.no_grad()
+def validate(model: nn.Module, items: list[dict], cfg: RunConfig) -> dict:
+    """Mean Dice (CSF, GM, WM) on the preprocessed grid of the validation subjects."""
+    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=False)
+    for item in items:
+        pred = predict_logits(model, item["image"], cfg).argmax(0)
+        metric(one_hot(pred[None, None], 4), one_hot(torch.as_tensor(item["label"])[None].long(), 4))
+    per_class = metric.aggregate().tolist()
+    return {"val_dice": float(np.mean(per_class)), "val_dice_csf": per_class[0],
+            "val_dice_gm": per_class[1], "val_dice_wm": per_class[2]}
+
+
+def _read_metrics(path: Path, upto: int) -> list[dict]:
+    """Lines of ``metrics.jsonl`` up to step ``upto``; a torn last line is dropped."""
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("step", 0) <= upto:
+                rows.append(row)
+    return rows
+
+
+def prepare_run_dir(cfg: RunConfig, resume: bool) -> tuple[Path, RunResult | None]:
+    """Make the run folder; a finished run is returned as is when resuming.
+
+    Raises:
+        LowlabelError: the folder already holds a run and ``resume`` is off.
+    """
+    path = run_dir(cfg)
+    done = path / "result.json"
+    if done.exists() and resume:
+        return path, RunResult.load(done)
+    if (done.exists() or (path / "last.safetensors").exists()) and not resume:
+        raise LowlabelError(
+            f"{path}: a run with this config exists; pass --resume to continue or reuse it, "
+            "or --set name=... for a new run"
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    return path, None
+
+
+def fit(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
+        evaluate_test: bool = True) -> RunResult:
+    """Train a segmentation network under a label budget, with early stopping.
+
+    Writes into the run folder: ``config.yaml``, ``splits.json``, ``metrics.jsonl``,
+    ``last.safetensors`` (resumable state), ``best.safetensors`` (best weights),
+    ``evaluation.{csv,json}`` (native-resolution test metrics) and ``result.json``.
+
+    Raises:
+        LowlabelError: bad data, an impossible budget, or an existing run without ``resume``.
+    """
+    out, finished = prepare_run_dir(cfg, resume)
+    if finished is not None:
+        return finished
+    set_threads(cfg.train.threads)
+    seed_everything(cfg.seed)
+    t0 = time.perf_counter()
+    ds = resolve_dataset(cfg)
+    split = resolve_splits(cfg, ds)
+    write_text(out / "config.yaml", dump_yaml(cfg))
+    write_json(out / "splits.json", split)
+
+    pre = preprocess(cfg.data)
+    train_items = cache(ds.by_id(split["train"]), Compose([pre, index_foreground()]),
+                        "cache train", progress)
+    val_items = cache(ds.by_id(split["val"]), pre, "cache val", progress)
+    _check_size(train_items + val_items, ds, split, cfg)
+    prep_seconds = time.perf_counter() - t0
+
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model, cfg.data.spatial_dims)
+    setup = None
+    if cfg.transfer.mode != "scratch":
+        from lowlabel.models import transfer
+
+        setup = transfer.prepare(model, cfg, out)
+    groups = setup.param_groups(cfg.train.lr) if setup else model.parameters()
+    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    state = {"step": 0, "best_metric": -1.0, "best_step": 0, "bad": 0, "stopped": False,
+             "train_seconds": 0.0}
+    metrics_path = out / "metrics.jsonl"
+    last, best = out / "last.safetensors", out / "best.safetensors"
+    if resume and last.exists():
+        tensors, meta = checkpoint.load(last)
+        model.load_state_dict(checkpoint.split(tensors, "model"))
+        checkpoint.load_optimizer(optimizer, tensors, meta["optimizer"])
+        torch.set_rng_state(tensors["rng.torch"])
+        state.update(meta["state"])
+        rows = _read_metrics(metrics_path, state["step"])
+        write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        log.info("resuming %s at step %d", out, state["step"])
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    def save_state() -> None:
+        opt_tensors, groups_meta = checkpoint.optimizer_tensors(optimizer)
+        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        tensors.update(opt_tensors)
+        tensors["rng.torch"] = torch.get_rng_state()
+        checkpoint.save(last, tensors, {"kind": "train", "config": to_dict(cfg), "state": state,
+                                        "optimizer": groups_meta})
+
+    steps, val_every = cfg.train.steps, cfg.train.val_every
+    loader = torch.utils.data.DataLoader(
+        Batches(train_items, augment(cfg.data, cfg.augment), cfg.train.batch_size, cfg.seed),
+        sampler=range(state["step"], steps), batch_size=None, num_workers=cfg.train.workers)
+    bar = tqdm(total=steps, initial=state["step"], desc=f"train {out.name}", disable=not progress,
+               dynamic_ncols=True)
+    losses: list[float] = []
+    tick = time.perf_counter()
+    for image, label in loader if not state["stopped"] and state["step"] < steps else []:
+        if setup:
+            setup.train_mode(model, state["step"], optimizer)
+        else:
+            model.train()
+        with autocast(cfg.train.bf16):
+            logits = model(image)
+        loss = loss_fn(logits.float(), label)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        state["step"] += 1
+        losses.append(loss.item())
+        bar.update(1)
+        step = state["step"]
+        if step % val_every == 0 or step == steps:
+            row = {"step": step, "train_loss": float(np.mean(losses))}
+            row.update(validate(model, val_items, cfg))
+            state["train_seconds"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            row["seconds"] = round(state["train_seconds"], 3)
+            losses = []
+            improved = row["val_dice"] > state["best_metric"] + cfg.train.min_delta
+            if improved:
+                state.update(best_metric=row["val_dice"], best_step=step, bad=0)
+                checkpoint.save(best, {f"model.{k}": v for k, v in model.state_dict().items()},
+                                {"kind": "train", "config": to_dict(cfg), "step": step,
+                                 "val_dice": row["val_dice"]})
+            else:
+                state["bad"] += 1
+            patience = cfg.train.patience
+            state["stopped"] = bool(patience and state["bad"] >= patience)
+            row["best"] = improved
+            append_line(metrics_path, json.dumps(row))
+            save_state()
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row['val_dice']:.3f}",
+                            best=f"{state['best_metric']:.3f}")
+            if state["stopped"]:
+                log.info("early stop at step %d (best %d)", step, state["best_step"])
+                break
+        elif cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+            save_state()
+    bar.close()
+
+    tensors, _ = checkpoint.load(best)
+    model.load_state_dict(checkpoint.split(tensors, "model"))
+    test = {}
+    if evaluate_test and split["test"]:
+        test = evaluate_model(model, cfg, ds.by_id(split["test"]), out, progress)["summary"]
+    result = RunResult(
+        run_dir=str(out), steps=state["step"], best_step=state["best_step"],
+        best_val_dice=state["best_metric"], stopped_early=state["stopped"],
+        train_seconds=round(state["train_seconds"], 3), prep_seconds=round(prep_seconds, 3),
+        peak_rss_mb=round(peak_rss_mb(), 1), n_labelled=len(split["train"]), test=test)
+    write_json(out / "provenance.json", provenance(seed=cfg.seed, parameters=count_parameters(model)))
+    write_json(out / "result.json", asdict(result))
+    return result
+
+
+def evaluate_model(model: nn.Module, cfg: RunConfig, subjects: list[dict], out: Path,
+                   progress: bool) -> dict:
+    from lowlabel.engine.evaluate import evaluate
+
+    return evaluate(model, cfg, subjects, out, progress)
+
+
+def _check_size(items: list[dict], ds: Dataset, split: dict, cfg: RunConfig) -> None:
+    """A scan smaller than the network's coarsest level is refused rather than padded."""
+    need = 2 ** (cfg.model.levels - 1)
+    ids = split["train"] + split["val"]
+    for sid, item in zip(ids, items, strict=True):
+        meta = item["image"].meta
+        extent = np.asarray(meta["spatial_shape"]) * np.asarray(spacing_of(meta["original_affine"]))
+        voxels = sorted(extent / np.asarray(cfg.data.spacing))
+        if cfg.data.spatial_dims == 2:
+            voxels = voxels[1:]
+        if voxels[0] < need:
+            path = ds.by_id([sid])[0]["image"]
+            raise LowlabelError(
+                f"{path}: about {int(voxels[0])} voxels along an axis at data.spacing is too small "
+                f"for a {cfg.model.levels}-level network (needs {need}); "
+                "use fewer model.levels or a finer data.spacing"
+            )

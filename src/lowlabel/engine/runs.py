@@ -1,0 +1,60 @@
+"""Reading finished runs back: config, best weights, re-evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from torch import nn
+
+from lowlabel.config import RunConfig, from_dict
+from lowlabel.engine import checkpoint
+from lowlabel.errors import LowlabelError
+from lowlabel.models.unet import build_model
+
+
+def load_run(run_dir: str | Path) -> tuple[RunConfig, nn.Module]:
+    """The config and best model of a run folder (safetensors only).
+
+    Raises:
+        LowlabelError: the folder is not a run or has no best weights yet.
+    """
+    run_dir = Path(run_dir)
+    cfg_path, weights = run_dir / "config.yaml", run_dir / "best.safetensors"
+    if not cfg_path.is_file() or not weights.is_file():
+        raise LowlabelError(
+            f"{run_dir}: not a finished training run (needs config.yaml and best.safetensors); "
+            "give the folder that 'lowlabel train' printed"
+        )
+    try:
+        cfg = from_dict(yaml.safe_load(cfg_path.read_text()))
+    except yaml.YAMLError:
+        raise LowlabelError(f"{cfg_path}: not valid YAML; the run folder is damaged") from None
+    tensors, _ = checkpoint.load(weights)
+    model = build_model(cfg.model, cfg.data.spatial_dims)
+    try:
+        model.load_state_dict(checkpoint.split(tensors, "model"))
+    except RuntimeError:
+        raise LowlabelError(f"{weights}: weights do not fit the run's config.yaml") from None
+    model.eval()
+    return cfg, model
+
+
+def evaluate_run(run_dir: str | Path, data: str | None = None, progress: bool = True) -> dict:
+    """Re-evaluate a run on its test split, or on every subject of another dataset."""
+    from lowlabel.data.datasets import load_dataset
+    from lowlabel.engine.evaluate import evaluate
+    from lowlabel.engine.loop import set_threads
+
+    run_dir = Path(run_dir)
+    cfg, model = load_run(run_dir)
+    set_threads(cfg.train.threads)
+    if data is None:
+        split = json.loads((run_dir / "splits.json").read_text())
+        ds = load_dataset(split["source"])
+        subjects, out = ds.by_id(split["test"]), run_dir
+    else:
+        ds = load_dataset(data)
+        subjects, out = ds.subjects, None
+    return evaluate(model, cfg, subjects, out, progress)["summary"]
