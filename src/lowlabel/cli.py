@@ -141,6 +141,13 @@ def data_demo(
     typer.echo(f"wrote {subjects} synthetic subjects: {index}")
 
 
+# --- pretraining commands ---
+
+# --- study and report commands ---
+
+# --- export and segment commands ---
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
