@@ -253,7 +253,9 @@ def fit(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
         losses.append(loss.item())
         bar.update(1)
         step = state["step"]
-        if step % val_every == 0 or step == steps:
+        out_of_time = bool(cfg.train.max_minutes) and (
+            state["train_seconds"] + time.perf_counter() - tick > 60 * cfg.train.max_minutes)
+        if step % val_every == 0 or step == steps or out_of_time:
             row = {"step": step, "train_loss": float(np.mean(losses))}
             row.update(validate(model, val_items, cfg))
             state["train_seconds"] += time.perf_counter() - tick
@@ -269,7 +271,7 @@ def fit(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
             else:
                 state["bad"] += 1
             patience = cfg.train.patience
-            state["stopped"] = bool(patience and state["bad"] >= patience)
+            state["stopped"] = bool(patience and state["bad"] >= patience) or out_of_time
             row["best"] = improved
             append_line(metrics_path, json.dumps(row))
             save_state()
