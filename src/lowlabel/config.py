@@ -106,6 +106,8 @@ class TrainConfig:
         threads: torch threads, 0 for all cores.
         bf16: bfloat16 autocast on the CPU (changes numerics; opt-in).
         workers: data-loader worker processes preparing batches ahead of the step.
+        max_minutes: stop (after one last validation) once training has taken this long;
+            0 for no limit. Wall-clock dependent, so not reproducible: for benchmarks.
     """
 
     steps: int = 2000
@@ -121,6 +123,7 @@ class TrainConfig:
     sw_batch_size: int = 4
     sw_overlap: float = 0.25
     checkpoint_every: int = 0
+    max_minutes: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -146,15 +149,26 @@ class PretrainConfig:
     """Self-supervised pretraining on unlabelled scans.
 
     Attributes:
-        method: ``autoencoder`` (UNet-shaped, as in the original study), ``noskip`` (encoder-decoder
-            without skip connections), ``genesis`` (Models Genesis style restoration).
-        save_steps: steps at which a checkpoint is kept for later transfer.
+        method: ``autoencoder`` (UNet-shaped, reconstructs its own input, as in the original
+            study; it can copy the input through the top skip connection) or ``genesis`` (Models
+            Genesis style restoration of a corrupted patch: non-linear intensity transform, local
+            voxel shuffling, in- and out-painting; the loss compares with the uncorrupted patch).
+        steps: step budget (optimizer updates); validation every ``train.val_every`` steps.
+        save_steps: steps at which a checkpoint is kept for later transfer (the final step always).
+        lr: AdamW learning rate.
+        nonlinear_prob, shuffle_prob, paint_prob, inpaint_prob: Models Genesis corruption
+            probabilities (``inpaint_prob`` is the share of painting that is in- rather than
+            out-painting).
     """
 
-    method: Literal["autoencoder", "noskip", "genesis", "denoise"] = "autoencoder"
+    method: Literal["autoencoder", "genesis"] = "autoencoder"
     steps: int = 1000
     save_steps: tuple[int, ...] = ()
     lr: float = 1e-3
+    nonlinear_prob: float = 0.9
+    shuffle_prob: float = 0.5
+    paint_prob: float = 0.9
+    inpaint_prob: float = 0.2
 
 
 @dataclass(frozen=True)
