@@ -36,7 +36,6 @@ class DataConfig:
         budget: labelled training subjects; 0 means all that remain after test and validation.
         split_seed: draws the fixed test and validation sets.
         draw: draws which subjects are labelled; budgets of one draw are nested.
-        cache: ``memory`` keeps preprocessed volumes in RAM, ``disk`` also persists them.
         pos_fraction: share of training patches centred on brain tissue rather than anywhere.
         demo_subjects, demo_spacing: size and resolution of the demo cohort.
     """
@@ -51,7 +50,6 @@ class DataConfig:
     budget: int = 3
     split_seed: int = 0
     draw: int = 0
-    cache: Literal["memory", "disk"] = "memory"
     pos_fraction: float = 0.9
     demo_subjects: int = 16
     demo_spacing: float = 2.0
