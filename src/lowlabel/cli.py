@@ -148,6 +148,39 @@ def data_demo(
 # --- export and segment commands ---
 
 
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New folder for the model bundle.")],
+) -> None:
+    """Turn a run into a self-contained model bundle (safetensors weights, config, provenance)."""
+    from lowlabel.bundle import export as export_bundle
+
+    typer.echo(f"wrote model bundle {export_bundle(run_dir, out)}")
+
+
+@app.command()
+def segment(
+    model_dir: Annotated[Path, typer.Argument(help="A model bundle made by 'lowlabel export'.")],
+    inputs: Annotated[list[Path], typer.Argument(help="NIfTI scans or folders of them.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for label maps, volumes.csv.")],
+    probabilities: Annotated[bool, typer.Option(
+        "--probabilities", help="Also write one probability map per tissue.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Segment scans into CSF, GM and WM on each scan's own grid; tissue volumes in volumes.csv."""
+    from lowlabel.segment import segment as segment_scans
+
+    result = segment_scans(model_dir, inputs, out, probabilities=probabilities, progress=not quiet)
+    if result.rows:
+        typer.echo(f"segmented {len(result.rows)} scan(s) into {out}; "
+                   f"volumes in {result.volumes_csv}")
+    for line in result.errors:
+        typer.echo(f"error: {line}", err=True)
+    if result.errors:
+        sys.exit(EXIT_USAGE)  # after the good scans are written; typer.Exit would be swallowed
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,200 @@
+"""Model bundles: a trained run turned into a self-contained folder that segments new scans.
+
+A bundle folder holds
+
+- ``model.safetensors``: the best weights (``model.*``) with the resolved config in its metadata;
+- ``config.yaml``: the resolved run config (the preprocessing is rebuilt from its ``data`` section
+  by the one factory, :func:`lowlabel.data.transforms.preprocess`);
+- ``bundle.json``: format version, label names, the preprocessing parameters in words and numbers,
+  and provenance (dataset, label budget and labelled subjects, seed, test metrics, versions).
+
+Loading reads JSON, YAML (``safe_load``) and safetensors only: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from torch import nn
+
+from lowlabel.atomic import write_json, write_text
+from lowlabel.config import RunConfig, dump_yaml, from_dict, to_dict
+from lowlabel.data.io import LABEL_NAMES
+from lowlabel.data.transforms import AXCODES, patch_shape
+from lowlabel.engine import checkpoint
+from lowlabel.errors import LowlabelError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "lowlabel-bundle"
+VERSION = 1
+WEIGHTS, CONFIG, INFO = "model.safetensors", "config.yaml", "bundle.json"
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: the config to preprocess and infer with, the model in eval mode, and the
+    contents of ``bundle.json``."""
+
+    path: Path
+    cfg: RunConfig
+    model: nn.Module
+    info: dict
+
+
+def preprocessing_parameters(cfg: RunConfig) -> dict:
+    """What the preprocessing factory does with this config, for readers of ``bundle.json``."""
+    d = cfg.data
+    return {
+        "orientation": AXCODES,
+        "spacing_mm": list(d.spacing),
+        "image_interpolation": "bilinear",
+        "crop": "foreground (image != 0), margin 2 voxels",
+        "intensity": "z-score over nonzero voxels",
+        "spatial_dims": d.spatial_dims,
+        "window": list(patch_shape(d)),
+        "sliding_window": {"overlap": cfg.train.sw_overlap, "batch_size": cfg.train.sw_batch_size,
+                           "mode": "gaussian", "bf16": cfg.train.bf16},
+        "label_map": {str(k): v for k, v in d.label_map.items()} if d.label_map else None,
+    }
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        log.warning("%s: unreadable, left out of the bundle's provenance", path)
+        return None
+
+
+def export(run_dir: str | Path, model_dir: str | Path) -> Path:
+    """Write the bundle of a finished run into ``model_dir`` (made whole, then renamed in place).
+
+    Args:
+        run_dir: a run folder written by ``lowlabel train``.
+        model_dir: a new (or empty) folder.
+
+    Returns:
+        ``model_dir``.
+
+    Raises:
+        LowlabelError: not a run folder, or ``model_dir`` exists and is not empty.
+    """
+    from lowlabel.engine.runs import load_run
+    from lowlabel.provenance import provenance
+
+    run_dir, model_dir = Path(run_dir), Path(model_dir)
+    if model_dir.exists() and (not model_dir.is_dir() or any(model_dir.iterdir())):
+        raise LowlabelError(f"{model_dir}: exists and is not an empty folder; choose a new folder")
+    cfg, model = load_run(run_dir)
+    weights_meta = checkpoint.read_meta(run_dir / "best.safetensors")
+    split = _read_json(run_dir / "splits.json") or {}
+    result = _read_json(run_dir / "result.json")
+    trained = _read_json(run_dir / "provenance.json") or {}
+    if result is None:
+        log.warning("%s: run has no result.json (unfinished?); exporting its best weights so far",
+                    run_dir)
+    test = (result or {}).get("test") or None
+    info = {
+        "format": FORMAT,
+        "version": VERSION,
+        "labels": dict(enumerate(LABEL_NAMES)),
+        "preprocessing": preprocessing_parameters(cfg),
+        "provenance": {
+            "run_dir": str(run_dir.resolve()),
+            "run_name": cfg.name,
+            "dataset": split.get("source") or cfg.data.dataset or "demo cohort",
+            "label_budget": cfg.data.budget,
+            "labelled_subjects": split.get("train"),
+            "test_subjects": split.get("test"),
+            "seed": cfg.seed,
+            "split_seed": cfg.data.split_seed,
+            "steps": (result or {}).get("steps"),
+            "best_step": weights_meta.get("step"),
+            "val_dice": weights_meta.get("val_dice"),
+            "test_metrics": ({k: v for k, v in test.items() if not k.endswith("_sd")}
+                             if test else None),
+            "trained_with": {k: trained.get(k)
+                             for k in ("lowlabel", "git_revision", "torch", "monai")},
+        },
+        "exported_with": {k: v for k, v in provenance().items()
+                          if k in ("lowlabel", "git_revision", "torch", "monai", "python")},
+        "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=model_dir.parent, prefix=f".{model_dir.name}."))
+    try:
+        checkpoint.save(tmp / WEIGHTS, {f"model.{k}": v for k, v in model.state_dict().items()},
+                        {"kind": "bundle", "config": to_dict(cfg)})
+        write_text(tmp / CONFIG, dump_yaml(cfg))
+        write_json(tmp / INFO, info)
+        os.chmod(tmp, 0o755)
+        if model_dir.exists():
+            model_dir.rmdir()
+        os.replace(tmp, model_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return model_dir
+
+
+def load(model_dir: str | Path) -> Bundle:
+    """Load a bundle for segmentation (JSON, YAML and safetensors only; never a pickle).
+
+    Raises:
+        LowlabelError: the folder is missing, is not a bundle (e.g. a run folder not yet
+            exported), or its files are damaged or do not fit each other.
+    """
+    from lowlabel.models.unet import build_model
+
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise LowlabelError(
+            f"{path}: model folder not found; give the folder 'lowlabel export' wrote")
+    info_path = path / INFO
+    if not info_path.is_file():
+        hint = ("this is a training run; make a bundle with 'lowlabel export RUN_DIR -o MODEL_DIR'"
+                if (path / "best.safetensors").is_file() else
+                "make one with 'lowlabel export RUN_DIR -o MODEL_DIR'")
+        raise LowlabelError(f"{path}: not a lowlabel model folder (no {INFO}); {hint}")
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        raise LowlabelError(
+            f"{info_path}: not valid JSON; the model folder is damaged, re-export it") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise LowlabelError(f"{info_path}: not a lowlabel bundle description; re-export the model")
+    if info.get("version", 0) > VERSION:
+        raise LowlabelError(f"{path}: bundle version {info.get('version')} is newer than this "
+                            f"lowlabel reads ({VERSION}); upgrade lowlabel")
+    cfg_path = path / CONFIG
+    if not cfg_path.is_file():
+        raise LowlabelError(f"{cfg_path}: missing; the model folder is incomplete, re-export it")
+    try:
+        raw = yaml.safe_load(cfg_path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise LowlabelError(f"{cfg_path}: not valid YAML; the model folder is damaged") from None
+    try:
+        cfg = from_dict(raw)
+    except LowlabelError as err:
+        raise LowlabelError(f"{cfg_path}: {err}") from None
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise LowlabelError(f"{weights}: missing; the model folder is incomplete, re-export it")
+    tensors, _ = checkpoint.load(weights)
+    model = build_model(cfg.model, cfg.data.spatial_dims)
+    try:
+        model.load_state_dict(checkpoint.split(tensors, "model"))
+    except RuntimeError:
+        raise LowlabelError(
+            f"{weights}: weights do not fit {cfg_path}; re-export the model") from None
+    model.eval()
+    return Bundle(path=path, cfg=cfg, model=model, info=info)
