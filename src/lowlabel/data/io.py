@@ -5,6 +5,7 @@ Every reader error becomes a :class:`LowlabelError` that names the file and the 
 
 from __future__ import annotations
 
+import gzip
 import zlib
 from pathlib import Path
 
@@ -37,6 +38,12 @@ def read_nifti(path: str | Path, *, kind: str = "image") -> tuple[np.ndarray, np
     try:
         img = nib.load(str(path))
         data = np.asarray(img.dataobj)
+        if path.name.endswith(".gz"):
+            # nibabel stops reading once it has the voxels, so a damaged stream can decode to
+            # garbage without reaching the CRC at its end: drain it so the CRC is checked
+            with gzip.open(path, "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
     except (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.ImageFileError) as err:
         reason = "truncated" if isinstance(err, EOFError) or "EOF" in str(err) else "corrupt"
         raise LowlabelError(
