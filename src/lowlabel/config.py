@@ -98,6 +98,8 @@ class TrainConfig:
 
     Attributes:
         steps: step budget (optimizer updates).
+        schedule: ``poly`` decays the learning rate as ``(1 - step / steps) ** 0.9`` (nnU-Net's
+            schedule); ``constant`` keeps it.
         val_every: validate every this many steps.
         patience: validations without improvement of more than ``min_delta`` before stopping;
             0 disables early stopping.
@@ -111,6 +113,7 @@ class TrainConfig:
     steps: int = 2000
     batch_size: int = 2
     lr: float = 1e-3
+    schedule: Literal["constant", "poly"] = "poly"
     weight_decay: float = 1e-5
     val_every: int = 100
     patience: int = 5

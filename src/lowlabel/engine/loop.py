@@ -204,6 +204,8 @@ def fit(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
         setup = transfer.prepare(model, cfg, out)
     groups = setup.param_groups(cfg.train.lr) if setup else model.parameters()
     optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    for group in optimizer.param_groups:
+        group["base_lr"] = group["lr"]
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
 
     state = {"step": 0, "best_metric": -1.0, "best_step": 0, "bad": 0, "stopped": False,
@@ -243,6 +245,7 @@ def fit(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
             setup.train_mode(model, state["step"], optimizer)
         else:
             model.train()
+        set_learning_rate(optimizer, cfg, state["step"])
         with autocast(cfg.train.bf16):
             logits = model(image)
         loss = loss_fn(logits.float(), label)
@@ -297,6 +300,13 @@ def fit(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
     write_json(out / "provenance.json", provenance(seed=cfg.seed, parameters=count_parameters(model)))
     write_json(out / "result.json", asdict(result))
     return result
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, cfg: RunConfig, step: int) -> None:
+    """Learning rate as a pure function of the step, so a resumed run continues the schedule."""
+    factor = (1.0 - step / cfg.train.steps) ** 0.9 if cfg.train.schedule == "poly" else 1.0
+    for group in optimizer.param_groups:
+        group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
 
 
 def evaluate_model(model: nn.Module, cfg: RunConfig, subjects: list[dict], out: Path,
