@@ -233,9 +233,12 @@ def fit(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
                                         "optimizer": groups_meta})
 
     steps, val_every = cfg.train.steps, cfg.train.val_every
+    # its own generator: iterating a DataLoader otherwise draws from the global torch RNG, which
+    # a resumed run has restored, so dropout would differ from the uninterrupted run
     loader = torch.utils.data.DataLoader(
         Batches(train_items, augment(cfg.data, cfg.augment), cfg.train.batch_size, cfg.seed),
-        sampler=range(state["step"], steps), batch_size=None, num_workers=cfg.train.workers)
+        sampler=range(state["step"], steps), batch_size=None, num_workers=cfg.train.workers,
+        generator=torch.Generator().manual_seed(cfg.seed))
     bar = tqdm(total=steps, initial=state["step"], desc=f"train {out.name}", disable=not progress,
                dynamic_ncols=True)
     losses: list[float] = []
