@@ -106,6 +106,9 @@ class TrainConfig:
         threads: torch threads, 0 for all cores.
         bf16: bfloat16 autocast on the CPU (changes numerics; opt-in).
         workers: data-loader worker processes preparing batches ahead of the step.
+        channels_last: channels-last memory layout for the network (same numerics up to
+            rounding; measured no faster here, see benchmarks/results/train_speed.json).
+        compile: ``torch.compile`` the network; pays a compile of tens of seconds up front.
         max_minutes: stop (after one last validation) once training has taken this long;
             0 for no limit. Wall-clock dependent, so not reproducible: for benchmarks.
     """
@@ -121,6 +124,8 @@ class TrainConfig:
     threads: int = 0
     bf16: bool = False
     workers: int = 0
+    channels_last: bool = False
+    compile: bool = False
     sw_batch_size: int = 4
     sw_overlap: float = 0.25
     checkpoint_every: int = 0

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.data import MetaTensor, get_track_meta, set_track_meta
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
@@ -99,11 +100,17 @@ def cache(subjects: list[dict], transform, desc: str, progress: bool) -> list[di
 
 class Batches(torch.utils.data.Dataset):
     """Map-style dataset whose item ``i`` is training batch ``i``: ``(image, label)`` tensors of
-    shape ``(B, 1, *patch)``, drawn from the cache with randomness seeded by ``(seed, i)``."""
+    shape ``(B, 1, *patch)``, drawn from the cache with randomness seeded by ``(seed, i)``.
 
-    def __init__(self, items: list[dict], transform: Compose, batch_size: int, seed: int) -> None:
+    With ``track_meta=False`` the transforms run on plain tensors: the values are the same, but
+    MONAI skips its per-transform metadata bookkeeping. Leave it on for transforms that read
+    metadata (e.g. an uncached chain that starts by loading and resampling files).
+    """
+
+    def __init__(self, items: list[dict], transform: Compose, batch_size: int, seed: int,
+                 track_meta: bool = True) -> None:
         self.items, self.transform = items, transform
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.seed, self.track_meta = batch_size, seed, track_meta
 
     def __len__(self) -> int:
         return 2**31 - 1
@@ -111,14 +118,71 @@ class Batches(torch.utils.data.Dataset):
     def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, int(step)])
         images, labels = [], []
-        for _ in range(self.batch_size):
-            item = self.items[int(rng.integers(len(self.items)))]
-            self.transform.set_random_state(seed=int(rng.integers(2**31)))
-            sample = self.transform(item)
-            sample = sample[0] if isinstance(sample, list) else sample
-            images.append(torch.as_tensor(sample["image"]).float())
-            labels.append(torch.as_tensor(sample["label"]).float())
+        tracking = get_track_meta()
+        set_track_meta(self.track_meta)
+        try:
+            for _ in range(self.batch_size):
+                item = self.items[int(rng.integers(len(self.items)))]
+                self.transform.set_random_state(seed=int(rng.integers(2**31)))
+                sample = self.transform(item)
+                sample = sample[0] if isinstance(sample, list) else sample
+                images.append(_plain(sample["image"]))
+                labels.append(_plain(sample["label"]))
+        finally:
+            set_track_meta(tracking)
         return torch.stack(images), torch.stack(labels)
+
+
+def _plain(x) -> torch.Tensor:
+    """A float tensor without MONAI metadata: a ``MetaTensor`` batch would make every layer of
+    the network pay for metadata propagation."""
+    x = x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
+    return x.float()
+
+
+def train_loader(cfg: RunConfig, items: list[dict], start: int) -> torch.utils.data.DataLoader:
+    """Batches ``start, start + 1, ...`` up to ``cfg.train.steps``; with ``train.workers`` > 0
+    they are prepared in worker processes while the network trains on the previous one."""
+    batches = Batches(items, augment(cfg.data, cfg.augment), cfg.train.batch_size, cfg.seed,
+                      track_meta=False)
+    # its own generator: iterating a DataLoader otherwise draws from the global torch RNG, which
+    # a resumed run has restored, so dropout would differ from the uninterrupted run
+    return torch.utils.data.DataLoader(batches, sampler=range(start, cfg.train.steps),
+                                       batch_size=None, num_workers=cfg.train.workers,
+                                       generator=torch.Generator().manual_seed(cfg.seed))
+
+
+def speed_settings(cfg: RunConfig, timing: dict | None = None) -> dict:
+    """The settings that change speed (and, for bf16, numerics), and with ``timing`` the
+    measured steps per second and share of step time spent waiting for batches."""
+    t = cfg.train
+    out = {"threads": torch.get_num_threads(), "workers": t.workers, "bf16": t.bf16,
+           "channels_last": t.channels_last, "compile": t.compile, "track_meta": False}
+    if timing and timing["steps"] > 0:
+        out["steps_per_s"] = round(timing["n"] / timing["steps"], 3)
+        out["data_share"] = round(timing["data"] / timing["steps"], 4)
+    return out
+
+
+def prepare_model(model: nn.Module, cfg: RunConfig) -> nn.Module:
+    """Apply the memory-format and compile settings; returns the module to call for training
+    (the compiled wrapper shares its parameters with ``model``)."""
+    if cfg.train.channels_last:
+        fmt = torch.channels_last_3d if cfg.data.spatial_dims == 3 else torch.channels_last
+        model.to(memory_format=fmt)
+    return torch.compile(model) if cfg.train.compile else model
+
+
+def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
+               image: torch.Tensor, label: torch.Tensor, bf16: bool) -> float:
+    """One optimizer update on a batch ``(B, 1, H, W[, D])``; returns the loss."""
+    with autocast(bf16):
+        logits = net(image)
+    loss = loss_fn(logits.float(), label)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
 
 
 @torch.no_grad()
@@ -233,30 +297,24 @@ def fit(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
                                         "optimizer": groups_meta})
 
     steps, val_every = cfg.train.steps, cfg.train.val_every
-    # its own generator: iterating a DataLoader otherwise draws from the global torch RNG, which
-    # a resumed run has restored, so dropout would differ from the uninterrupted run
-    loader = torch.utils.data.DataLoader(
-        Batches(train_items, augment(cfg.data, cfg.augment), cfg.train.batch_size, cfg.seed),
-        sampler=range(state["step"], steps), batch_size=None, num_workers=cfg.train.workers,
-        generator=torch.Generator().manual_seed(cfg.seed))
+    net = prepare_model(model, cfg)
+    loader = train_loader(cfg, train_items, state["step"])
     bar = tqdm(total=steps, initial=state["step"], desc=f"train {out.name}", disable=not progress,
                dynamic_ncols=True)
     losses: list[float] = []
-    tick = time.perf_counter()
+    tick = ready = time.perf_counter()
+    timing = {"data": 0.0, "steps": 0.0, "n": 0}  # time waiting for batches, and in steps
     for image, label in loader if not state["stopped"] and state["step"] < steps else []:
+        timing["data"] += time.perf_counter() - ready
         if setup:
             setup.train_mode(model, state["step"], optimizer)
         else:
             model.train()
         set_learning_rate(optimizer, cfg, state["step"])
-        with autocast(cfg.train.bf16):
-            logits = model(image)
-        loss = loss_fn(logits.float(), label)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        losses.append(train_step(net, optimizer, loss_fn, image, label, cfg.train.bf16))
+        timing["steps"] += time.perf_counter() - ready
+        timing["n"] += 1
         state["step"] += 1
-        losses.append(loss.item())
         bar.update(1)
         step = state["step"]
         out_of_time = bool(cfg.train.max_minutes) and (
@@ -288,6 +346,7 @@ def fit(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
                 break
         elif cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
             save_state()
+        ready = time.perf_counter()
     bar.close()
 
     tensors, _ = checkpoint.load(best)
@@ -300,7 +359,8 @@ def fit(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
         best_val_dice=state["best_metric"], stopped_early=state["stopped"],
         train_seconds=round(state["train_seconds"], 3), prep_seconds=round(prep_seconds, 3),
         peak_rss_mb=round(peak_rss_mb(), 1), n_labelled=len(split["train"]), test=test)
-    write_json(out / "provenance.json", provenance(seed=cfg.seed, parameters=count_parameters(model)))
+    write_json(out / "provenance.json", provenance(
+        seed=cfg.seed, parameters=count_parameters(model), speed=speed_settings(cfg, timing)))
     write_json(out / "result.json", asdict(result))
     return result
 
