@@ -143,6 +143,37 @@ def data_demo(
 
 # --- pretraining commands ---
 
+
+@app.command()
+def pretrain(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="dataset.json or folder (default: the demo cohort).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for runs (default: runs/).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run (or reuse a finished one).")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Pretrain a UNet on the training pool's images (labels ignored) and the unlabelled scans.
+
+    The method is pretrain.method (autoencoder or genesis); checkpoints for transfer are kept at
+    pretrain.save_steps and the last step. Use one with: lowlabel train --init-from RUN_FOLDER.
+    """
+    extra: dict = {}
+    if data is not None:
+        extra["data.dataset"] = data
+    if out is not None:
+        extra["out"] = str(out)
+    cfg = _load(config, set_, extra)
+    from lowlabel.engine.pretrain import pretrain as run_pretrain
+
+    result = run_pretrain(cfg, resume=resume, progress=not quiet)
+    typer.echo(f"run {result.run_dir}: {result.steps} steps, train loss {result.train_loss:.4f}, "
+               f"val MSE {result.val_mse:.4f}, val MAE {result.val_mae:.4f}")
+    for step, path in result.checkpoints.items():
+        typer.echo(f"  checkpoint {step}: {path}")
+    if result.figure:
+        typer.echo(f"  reconstructions: {result.figure}")
+
 # --- study and report commands ---
 
 # --- export and segment commands ---

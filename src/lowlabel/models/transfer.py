@@ -1,0 +1,264 @@
+"""Transfer a pretrained encoder into a segmentation network, level by level.
+
+MONAI's ``UNet`` nests each level inside the previous one, so the same encoder level has
+different state-dict keys in networks of different depth (``model.1.submodule.0.*`` is level 1
+in any depth, but the bottom level of a 3-level net is ``model.1.submodule.1.submodule.*``,
+which in a 6-level net is a decoder-side container). Loading by key name therefore transfers the
+wrong thing or nothing. Here :func:`encoder_blocks` names the encoder block of every level of a
+built network, level ``k`` of the source is loaded into level ``k`` of the target for the
+levels both have, and tensors inside a level are matched by name and shape, then by leaf name
+and shape in order (so blocks with different ``num_res_units`` share what they can). Everything
+loaded, skipped or mismatched is written to ``transfer.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowlabel.atomic import write_json
+from lowlabel.config import RunConfig, from_dict
+from lowlabel.engine import checkpoint
+from lowlabel.errors import LowlabelError
+
+log = logging.getLogger(__name__)
+
+
+def encoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The encoder block of each resolution level, top (full resolution) first.
+
+    For MONAI ``UNet``: level ``k < L-1`` is the down block ``model.(1.submodule.)*k 0`` and the
+    last level is the bottom block. For ``DynUNet``: the input block, the down-sampling blocks
+    and the bottleneck.
+
+    Raises:
+        LowlabelError: the network is neither.
+    """
+    from monai.networks.layers import SkipConnection
+    from monai.networks.nets import DynUNet, UNet
+
+    if isinstance(model, UNet):
+        blocks = []
+        node = model.model
+        while isinstance(node, nn.Sequential) and isinstance(node[1], SkipConnection):
+            blocks.append(node[0])
+            node = node[1].submodule
+        blocks.append(node)
+        return blocks
+    if isinstance(model, DynUNet):
+        return [model.input_block, *model.downsamples, model.bottleneck]
+    raise LowlabelError(f"transfer supports MONAI UNet and DynUNet, not {type(model).__name__}")
+
+
+def block_names(model: nn.Module) -> list[str]:
+    """Qualified module names of :func:`encoder_blocks`, e.g. ``['model.0',
+    'model.1.submodule.0', 'model.1.submodule.1.submodule']`` for a 3-level UNet."""
+    names = {id(m): n for n, m in model.named_modules()}
+    return [names[id(b)] for b in encoder_blocks(model)]
+
+
+def resolve_source(init_from: str | Path) -> Path:
+    """A pretraining (or training) run folder -> its final checkpoint; a file -> itself.
+
+    Raises:
+        LowlabelError: nothing usable at that path.
+    """
+    path = Path(init_from)
+    if path.is_dir():
+        result = path / "result.json"
+        if result.exists():
+            import json
+
+            info = json.loads(result.read_text())
+            ckpts = info.get("checkpoints")
+            if ckpts:
+                return Path(ckpts[str(max(int(s) for s in ckpts))])
+            if (path / "best.safetensors").exists():
+                return path / "best.safetensors"
+        found = sorted(path.glob("checkpoint-*.safetensors"),
+                       key=lambda p: int(p.stem.split("-")[1]))
+        if found:
+            return found[-1]
+        raise LowlabelError(
+            f"{path}: no finished pretraining run here (no result.json or "
+            "checkpoint-*.safetensors); pass a pretraining run folder or a .safetensors checkpoint"
+        )
+    if not path.exists():
+        raise LowlabelError(f"config key 'transfer.init_from': {path} does not exist")
+    return path
+
+
+def source_model(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> nn.Module:
+    """Rebuild the network a checkpoint came from (config from its metadata), with its weights."""
+    from lowlabel.models.pretrain import build_pretrain_model
+    from lowlabel.models.unet import build_model
+
+    if "config" not in meta:
+        raise LowlabelError(f"{path}: checkpoint has no lowlabel config in its metadata; "
+                            "use a checkpoint written by lowlabel pretrain or train")
+    cfg = from_dict(meta["config"])
+    if str(meta.get("kind", "")).startswith("pretrain"):
+        model = build_pretrain_model(cfg)
+    else:
+        model = build_model(cfg.model, cfg.data.spatial_dims)
+    try:
+        model.load_state_dict(checkpoint.split(tensors, "model"))
+    except RuntimeError as err:
+        raise LowlabelError(f"{path}: weights do not fit the network in its own config "
+                            f"({str(err).splitlines()[0]})") from None
+    model.spatial_dims = cfg.data.spatial_dims  # type: ignore[attr-defined]
+    return model
+
+
+def match_level(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
+                ) -> tuple[list[tuple[str, str]], list[dict]]:
+    """Pair source and target tensors of one level.
+
+    First the same relative name and shape; then, in order, the same leaf name (``weight``,
+    ``bias``, ``running_mean``...) and shape, which pairs e.g. ``conv.weight`` of a plain
+    convolution block with ``conv.unit0.conv.weight`` of a residual one.
+
+    Returns:
+        ``(pairs, mismatches)``: ``(source_key, target_key)`` pairs, and same-name tensors whose
+        shapes differ.
+    """
+    pairs, mismatches = [], []
+    used: set[str] = set()
+    left = []
+    for key, value in target.items():
+        if key in source and source[key].shape == value.shape:
+            pairs.append((key, key))
+            used.add(key)
+        else:
+            if key in source:
+                mismatches.append({"key": key, "source_shape": list(source[key].shape),
+                                   "target_shape": list(value.shape)})
+                used.add(key)  # a same-name tensor of another shape is not reused elsewhere
+            left.append(key)
+    for key in left:
+        leaf = key.rsplit(".", 1)[-1]
+        for skey, svalue in source.items():
+            if (skey not in used and skey.rsplit(".", 1)[-1] == leaf
+                    and svalue.shape == target[key].shape):
+                pairs.append((skey, key))
+                used.add(skey)
+                break
+    return pairs, mismatches
+
+
+@dataclass
+class Transfer:
+    """Loaded encoder plus the training-mode rules of ``cfg.transfer.mode``.
+
+    ``encoder`` holds the target blocks that received weights; those are what ``frozen`` and
+    ``gradual`` hold fixed.
+    """
+
+    mode: str
+    encoder: list[nn.Module]
+    params: list[nn.Parameter]
+    encoder_lr_scale: float = 1.0
+    unfreeze_after: int = 0
+    report: dict = field(default_factory=dict)
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        return [p for block in self.encoder for p in block.parameters()]
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """AdamW parameter groups: the frozen encoder is left out entirely; finetune gives the
+        encoder ``lr * encoder_lr_scale``; gradual keeps the encoder in its own group from the
+        start (its parameters have no gradient, so AdamW leaves them untouched until unfrozen),
+        which keeps the optimizer's layout fixed and a resumed run loadable."""
+        enc = {id(p) for p in self.encoder_parameters()}
+        rest = [p for p in self.params if id(p) not in enc]
+        if self.mode == "frozen":
+            return [{"params": rest, "lr": lr}]
+        return [{"params": rest, "lr": lr},
+                {"params": self.encoder_parameters(), "lr": lr * self.encoder_lr_scale}]
+
+    def frozen_at(self, step: int) -> bool:
+        return self.mode == "frozen" or (self.mode == "gradual" and step < self.unfreeze_after)
+
+    def train_mode(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Called before each step instead of ``model.train()``: a frozen encoder stays in eval
+        mode so its normalisation statistics do not move."""
+        model.train()
+        frozen = self.frozen_at(step)
+        for block in self.encoder:
+            for p in block.parameters():
+                p.requires_grad_(not frozen)
+            if frozen:
+                block.eval()
+
+
+def prepare(model: nn.Module, cfg: RunConfig, run_dir: str | Path) -> Transfer:
+    """Load ``cfg.transfer.init_from``'s encoder into ``model`` and set up ``cfg.transfer.mode``.
+
+    Writes ``transfer.json`` in ``run_dir``: source, levels mapped, tensors loaded (source ->
+    target key), target tensors of mapped levels left at their initialisation, shape mismatches,
+    source levels without a counterpart.
+
+    Raises:
+        LowlabelError: no ``init_from``, an unreadable source, different spatial dims, or no encoder
+            convolution that would load.
+    """
+    t = cfg.transfer
+    if not t.init_from:
+        raise LowlabelError(f"config key 'transfer.init_from': transfer mode '{t.mode}' needs a "
+                            "pretrained checkpoint or pretraining run folder")
+    path = resolve_source(t.init_from)
+    tensors, meta = checkpoint.load(path)
+    src = source_model(tensors, meta, path)
+    if src.spatial_dims != cfg.data.spatial_dims:
+        raise LowlabelError(f"{path}: pretrained with data.spatial_dims={src.spatial_dims}, "
+                            f"this run uses {cfg.data.spatial_dims}; they must agree")
+    src_blocks, tgt_blocks = encoder_blocks(src), encoder_blocks(model)
+    src_names, tgt_names = block_names(src), block_names(model)
+    levels, loaded, skipped, mismatched, encoder = [], [], [], [], []
+    with torch.no_grad():
+        for k in range(min(len(src_blocks), len(tgt_blocks))):
+            s_state, t_state = src_blocks[k].state_dict(), tgt_blocks[k].state_dict()
+            pairs, bad = match_level(s_state, t_state)
+            for skey, tkey in pairs:
+                t_state[tkey].copy_(s_state[skey])
+                loaded.append({"level": k, "source": f"{src_names[k]}.{skey}",
+                               "target": f"{tgt_names[k]}.{tkey}",
+                               "shape": list(t_state[tkey].shape)})
+            done = {tkey for _, tkey in pairs}
+            skipped += [f"{tgt_names[k]}.{key}" for key in t_state if key not in done]
+            mismatched += [dict(b, level=k, key=f"{tgt_names[k]}.{b['key']}") for b in bad]
+            if pairs:
+                levels.append({"level": k, "source": src_names[k], "target": tgt_names[k],
+                               "tensors": len(pairs), "of": len(t_state)})
+                encoder.append(tgt_blocks[k])
+    report = {
+        "source": str(path), "source_kind": meta.get("kind"), "source_method": meta.get("method"),
+        "source_step": meta.get("step"), "mode": t.mode,
+        "encoder_lr_scale": t.encoder_lr_scale, "unfreeze_after": t.unfreeze_after,
+        "source_levels": len(src_blocks), "target_levels": len(tgt_blocks),
+        "levels_mapped": levels, "n_loaded": len(loaded), "loaded": loaded,
+        "skipped": skipped, "shape_mismatches": mismatched,
+        "unmapped_source_levels": list(range(len(tgt_blocks), len(src_blocks))),
+        "unmapped_target_levels": list(range(len(src_blocks), len(tgt_blocks))),
+    }
+    # a PReLU slope or a bias alone fits any network; a transfer is only real with kernels
+    if not any(len(e["shape"]) > 1 for e in loaded):
+        compared = min(len(src_blocks), len(tgt_blocks))
+        raise LowlabelError(
+            f"{path}: no encoder convolution fits this network ({compared} levels compared, "
+            f"{len(mismatched)} shape mismatches); pretrain with the same model.channels as "
+            "the segmentation run"
+        )
+    write_json(Path(run_dir) / "transfer.json", report)
+    log.info("transfer: %d tensors loaded into levels %s", len(loaded),
+             [lv["level"] for lv in levels])
+    setup = Transfer(t.mode, encoder, list(model.parameters()), t.encoder_lr_scale,
+                     t.unfreeze_after, report)
+    if setup.frozen_at(0):
+        for p in setup.encoder_parameters():
+            p.requires_grad_(False)
+    return setup
