@@ -58,7 +58,8 @@ def test_pretrain_run_folder_and_images_seen(tiny_dataset, tmp_path):
 def test_pretrain_resume_is_bit_identical(tiny_dataset, tmp_path, monkeypatch):
     import lowlabel.engine.pretrain as engine
 
-    extra = {"pretrain.method": "genesis", "pretrain.save_steps": [], "model.norm": "batch"}
+    extra = {"pretrain.method": "genesis", "pretrain.save_steps": [], "model.norm": "batch",
+             "model.dropout": 0.2}
     whole = engine.pretrain(_cfg(tiny_dataset, tmp_path / "a", **extra), progress=False)
 
     cfg = _cfg(tiny_dataset, tmp_path / "b", **extra)

@@ -231,7 +231,10 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> 
     steps, val_every, keep = cfg.pretrain.steps, cfg.train.val_every, set(saved_steps(cfg))
     loader = torch.utils.data.DataLoader(
         PretrainBatches(pool_items, patch_sampler(cfg), cfg.train.batch_size, cfg.seed, cfg),
-        sampler=range(state["step"], steps), batch_size=None, num_workers=cfg.train.workers)
+        sampler=range(state["step"], steps), batch_size=None, num_workers=cfg.train.workers,
+        # its own generator: iterating a DataLoader otherwise draws from the global torch RNG,
+        # which a resumed run has restored, so dropout would differ from an uninterrupted run
+        generator=torch.Generator().manual_seed(cfg.seed))
     bar = tqdm(total=steps, initial=state["step"], desc=f"pretrain {out.name}",
                disable=not progress, dynamic_ncols=True)
     losses: list[float] = []
