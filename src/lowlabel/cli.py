@@ -176,6 +176,55 @@ def pretrain(
 
 # --- study and report commands ---
 
+
+@app.command(name="study")
+def study_cmd(
+    study: Annotated[str, typer.Argument(help="A built-in study name (see 'lowlabel study list'), a study YAML file, or 'list'.")],
+    data: Annotated[Optional[str], typer.Option("--data", help="dataset.json or folder for every run (default: the demo cohort).")] = None,
+    profile: Annotated[str, typer.Option("--profile", "-p", help="quick (demo, minutes), cpu (an hour on 2 cores) or paper (original scale, GPU).")] = "quick",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Study folder (default: studies/<name>-<profile>).")] = None,
+    backend: Annotated[str, typer.Option("--backend", help="local (worker processes) or ray.")] = "local",
+    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster address (with --backend ray).")] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Runs at once (0: one per core); each gets cores // jobs threads.")] = 0,
+    mlflow: Annotated[Optional[str], typer.Option("--mlflow", help="Log every run to this MLflow URI, e.g. sqlite:///mlflow.db.")] = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run a study (a grid of runs and the tables that compare them), then write its report.
+
+    Finished runs are skipped and interrupted ones resume, so rerunning finishes only what is
+    missing. 'lowlabel study list' shows the built-in studies.
+    """
+    if study == "list":
+        from lowlabel.study.spec import builtin_studies, load_study
+
+        for name, path in builtin_studies().items():
+            spec = load_study(path)
+            typer.echo(f"{name}: {len(spec.tables)} tables ({', '.join(spec.tables)}); "
+                       f"profiles {', '.join(spec.profiles)}; {path}")
+        return
+    from lowlabel.config import parse_set
+    from lowlabel.study.runner import run_study
+
+    result = run_study(study, profile=profile, data=data, study_dir=out, backend=backend,
+                       address=address, jobs=jobs, mlflow_uri=mlflow,
+                       overrides=parse_set(set_), progress=not quiet)
+    typer.echo(f"study {result.study_dir}: {result.runs} runs ({result.ran} ran, "
+               f"{result.skipped} already finished) in {result.seconds:.0f} s; "
+               f"report: {result.report}")
+
+
+@app.command()
+def report(
+    study_dir: Annotated[Path, typer.Argument(help="A study folder written by 'lowlabel study'.")],
+    no_overlays: Annotated[bool, typer.Option("--no-overlays", help="Skip the segmentation overlays (no model is loaded).")] = False,
+) -> None:
+    """Rebuild a study's report (report.md, report.html, runs.csv) from its runs, without training."""
+    from lowlabel.study.report import build_report
+
+    path = build_report(study_dir, overlays_on=not no_overlays)
+    typer.echo(f"report: {path} and {path.with_suffix('.md')}")
+
 # --- export and segment commands ---
 
 

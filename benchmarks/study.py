@@ -1,0 +1,112 @@
+"""Time the seed study: the ``quick`` profile on the demo cohort, the ``cpu`` profile on a dataset.
+
+Each profile runs from an empty study folder as ``lowlabel study seed --profile P`` in a child
+process; wall time, peak resident memory of the whole process tree (sampled every 0.5 s) and CPU
+time are recorded in ``benchmarks/results/study.json`` (merged, so the profiles can be run
+separately). The ``cpu`` report's markdown is copied to ``benchmarks/results/study_cpu_report.md``
+without its images (the scans may be licensed).
+
+    nice -n 10 python benchmarks/study.py --profile quick
+    nice -n 10 python benchmarks/study.py --profile cpu --data ../shared/data/malf35/dataset.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    mem = psutil.virtual_memory().total / 2**30
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{platform.node()}: {os.cpu_count()} CPU cores ({cpu}), {mem:.0f} GiB RAM, "
+            f"{platform.system()} {platform.release()}, Python {platform.python_version()}; "
+            f"load average at start {load} (cores shared with other jobs)")
+
+
+def run_profile(profile: str, data: str | None, out: Path, jobs: int) -> dict:
+    if out.exists():
+        shutil.rmtree(out)
+    cmd = [sys.executable, "-m", "lowlabel.cli", "study", "seed", "--profile", profile,
+           "--out", str(out), "--quiet"]
+    if data:
+        cmd += ["--data", data]
+    if jobs:
+        cmd += ["--jobs", str(jobs)]
+    peak = [0.0]
+    t0 = time.perf_counter()
+    proc = psutil.Popen(cmd)
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            try:
+                procs = [proc, *proc.children(recursive=True)]
+                rss = sum(p.memory_info().rss for p in procs if p.is_running())
+                peak[0] = max(peak[0], rss / 2**20)
+            except psutil.Error:
+                pass
+            stop.wait(0.5)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    rc = proc.wait()
+    wall = time.perf_counter() - t0
+    stop.set()
+    thread.join()
+    summary = json.loads((out / "study_result.json").read_text()) if (
+        out / "study_result.json").exists() else {}
+    plan = json.loads((out / "plan.json").read_text()) if (out / "plan.json").exists() else {}
+    seeds = sorted({c["seed"] for c in plan.get("cells", [])})
+    usage = os.times()
+    return {"wall_seconds": round(wall, 1), "peak_rss_mb": round(peak[0], 1),
+            "runs": summary.get("runs", 0), "ran": summary.get("ran", 0),
+            "failed": len(summary.get("failed", {})), "seeds": len(seeds), "exit_code": rc,
+            "cpu_seconds_children": round(usage.children_user + usage.children_system, 1),
+            "command": " ".join(["lowlabel", *cmd[3:]]), "study_dir": str(out)}
+
+
+def strip_images(markdown: str) -> str:
+    return re.sub(r"^!\[.*\]\(.*\)\n*", "", markdown, flags=re.M)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", choices=["quick", "cpu", "both"], default="quick")
+    parser.add_argument("--data", default=None, help="dataset for the cpu profile")
+    parser.add_argument("--out", default="/tmp/lowlabel-bench-study")
+    parser.add_argument("--jobs", type=int, default=0)
+    args = parser.parse_args()
+    path = RESULTS / "study.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results["machine"] = machine()
+    profiles = ["quick", "cpu"] if args.profile == "both" else [args.profile]
+    for profile in profiles:
+        data = args.data if profile == "cpu" else None
+        out = Path(args.out) / profile
+        res = run_profile(profile, data, out, args.jobs)
+        res["benchmark_command"] = "nice -n 10 python benchmarks/study.py " + " ".join(sys.argv[1:])
+        results[profile] = res
+        print(json.dumps({profile: res}, indent=1))
+        if profile == "cpu" and (out / "report.md").exists():
+            text = strip_images((out / "report.md").read_text())
+            (RESULTS / "study_cpu_report.md").write_text(text)
+        RESULTS.mkdir(exist_ok=True)
+        path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,385 @@
+"""Run a study's cells: locally in worker processes, or on a Ray cluster.
+
+Pretraining cells run first; a transfer cell starts as soon as its pretraining run has finished
+and its ``transfer.init_from`` is known. A cell whose folder holds ``result.json`` is skipped; one
+that was interrupted resumes from its last checkpoint (``fit(cfg, resume=True)``). Every result
+lands in ``<study_dir>/runs``, whichever backend ran it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import json
+import logging
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from lowlabel.atomic import write_json, write_text
+from lowlabel.config import from_dict, run_dir, to_dict
+from lowlabel.errors import LowlabelError, find_user_error
+from lowlabel.study.spec import Cell, Study, check, expand, load_study, plan_json, resolve
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StudyResult:
+    """What :func:`run_study` did."""
+
+    study_dir: str
+    runs: int
+    ran: int
+    skipped: int
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    report: str | None = None
+
+
+def default_jobs(threads_per_job: int = 1) -> int:
+    """Parallel runs for this machine: one per core by default (2 x 1 thread beats 1 x 2)."""
+    return max(1, (os.cpu_count() or 1) // max(1, threads_per_job))
+
+
+# ---------------------------------------------------------------------------------------------
+# what a worker does
+
+
+def _pin_threads(threads: int) -> None:
+    """Fix this worker's torch threads at ``threads`` for every run it executes.
+
+    The thread count is an execution setting chosen by the runner (cores // jobs), not part of
+    what a run computes, so it must not change a run's config and hence its folder.
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.set_num_threads = lambda _n: None  # fit() and pretrain() would reset it per run
+
+
+def run_cell(kind: str, config: dict, threads: int = 0) -> dict:
+    """Execute one cell in this process; the result as a plain dict (also in ``result.json``).
+
+    A finished run returns its saved result; an interrupted one resumes.
+    """
+    if threads:
+        _pin_threads(threads)
+    cfg = from_dict(config)
+    if kind == "pretrain":
+        from lowlabel.engine.pretrain import pretrain
+
+        result = pretrain(cfg, resume=True, progress=False)
+    else:
+        from lowlabel.engine.loop import fit
+
+        result = fit(cfg, resume=True, progress=False)
+    return dataclasses.asdict(result) if dataclasses.is_dataclass(result) else dict(result)
+
+
+def _ray_run_cell(kind: str, config: dict, threads: int) -> dict:
+    try:
+        return run_cell(kind, config, threads)
+    except Exception as err:  # Ray would wrap a user error in its own type; keep the line
+        user = find_user_error(err)
+        if user is not None:
+            raise LowlabelError(str(user)) from None
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# backends: each turns (kind, config) into a concurrent.futures.Future
+
+
+class LocalBackend:
+    """Worker processes on this machine, each with ``threads`` torch threads."""
+
+    def __init__(self, jobs: int, threads: int) -> None:
+        import multiprocessing as mp
+
+        self.jobs, self.threads = jobs, threads
+        # spawn, not fork: forking a parent that loaded torch can deadlock OpenMP in the child
+        self.pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                                           initializer=_pin_threads, initargs=(threads,))
+
+    def submit(self, kind: str, config: dict) -> cf.Future:
+        return self.pool.submit(run_cell, kind, config, 0)
+
+    def close(self, cancel: bool = False) -> None:
+        self.pool.shutdown(wait=not cancel, cancel_futures=cancel)
+
+
+class RayBackend:
+    """Ray tasks on a cluster (``address``) or on a local Ray; one CPU slot per thread."""
+
+    def __init__(self, jobs: int, threads: int, address: str | None) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise LowlabelError("--backend ray needs Ray: pip install 'lowlabel[ray]'") from None
+        self.ray = ray
+        if not ray.is_initialized():
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            except ConnectionError as err:
+                raise LowlabelError(f"--address {address}: cannot reach a Ray cluster ({err}); "
+                                    "start one with 'ray start --head' or drop --address") from None
+        self.jobs, self.threads = jobs, threads
+        self.task = ray.remote(num_cpus=threads)(_ray_run_cell)
+
+    def submit(self, kind: str, config: dict) -> cf.Future:
+        return self.task.remote(kind, config, self.threads).future()
+
+    def close(self, cancel: bool = False) -> None:
+        pass  # a cluster (or a Ray the caller started) outlives the study
+
+
+# ---------------------------------------------------------------------------------------------
+# the study
+
+
+def prepare(study: Study | str | Path, profile: str = "quick", data: str | None = None,
+            study_dir: str | Path | None = None, seeds: list[int] | None = None,
+            overrides: dict | None = None) -> tuple[Study, Path, list[Cell]]:
+    """Load, expand and check a study; write its plan. Nothing runs yet.
+
+    Raises:
+        LowlabelError: anything in the study that cannot run (before any run starts).
+    """
+    if not isinstance(study, Study):
+        study = load_study(study)
+    study_dir = Path(study_dir or Path("studies") / f"{study.name}-{profile}")
+    cells = expand(study, profile, data, study_dir, seeds, overrides)
+    if any(c.kind == "pretrain" for c in cells):
+        try:
+            import lowlabel.engine.pretrain  # noqa: F401
+        except ImportError:
+            raise LowlabelError(f"{study.path}: the study has pretraining runs but this "
+                                "installation has no lowlabel.engine.pretrain") from None
+    check(cells)
+    _make_splits(cells)
+    write_text(study_dir / "plan.json", plan_json(study, profile, cells))
+    write_text(study_dir / "study.yaml", study.path.read_text())
+    return study, study_dir, cells
+
+
+def _make_splits(cells: list[Cell]) -> None:
+    """Write every split file the runs will read before any of them starts, so parallel runs
+    never race to create the same file (and an impossible budget fails now)."""
+    from lowlabel.engine.loop import resolve_dataset, resolve_splits
+
+    seen = set()
+    datasets: dict = {}
+    for cell in cells:
+        d = cell.cfg.data
+        key = (d.dataset, d.demo_subjects, d.demo_spacing, d.split_seed, d.n_test, d.n_val,
+               d.budget, d.draw, cell.cfg.out)
+        if key in seen:
+            continue
+        seen.add(key)
+        src = (d.dataset, d.demo_subjects, d.demo_spacing)
+        if src not in datasets:
+            datasets[src] = resolve_dataset(cell.cfg)
+        resolve_splits(cell.cfg, datasets[src])
+
+
+def run_study(study: Study | str | Path, profile: str = "quick", data: str | None = None,
+              study_dir: str | Path | None = None, backend: str = "local",
+              address: str | None = None, jobs: int = 0, mlflow_uri: str | None = None,
+              seeds: list[int] | None = None, overrides: dict | None = None,
+              progress: bool = True, report: bool = True) -> StudyResult:
+    """Expand, check and run a study, then write its report.
+
+    Args:
+        study: a :class:`Study`, a built-in name or a path.
+        profile: ``quick``, ``cpu`` or ``paper``.
+        data: dataset for every run (default: the study's, i.e. the demo cohort).
+        study_dir: the study folder (default ``studies/<name>-<profile>``).
+        backend: ``local`` (worker processes) or ``ray``.
+        address: Ray cluster address (default: a running or new local Ray).
+        jobs: runs at once (0: one per core); each gets ``cores // jobs`` torch threads.
+        mlflow_uri: log every run to this MLflow tracking URI.
+        seeds: override the profile's seeds.
+        overrides: dotted config overrides for every run, applied last (``--set``).
+
+    Raises:
+        LowlabelError: a bad study (before any run), or runs that failed (after the others).
+    """
+    t0 = time.perf_counter()
+    if backend not in ("local", "ray"):
+        raise LowlabelError(f"--backend '{backend}': choose local or ray")
+    tracker = _mlflow(mlflow_uri) if mlflow_uri else None
+    study, study_dir, cells = prepare(study, profile, data, study_dir, seeds, overrides)
+    cores = os.cpu_count() or 1
+    jobs = jobs or default_jobs()
+    threads = max(1, cores // jobs)
+    results: dict[str, dict] = {}
+    failed: dict[str, str] = {}
+    ran = skipped = 0
+    by_key = {c.key: c for c in cells}
+    waiting = list(cells)  # pretraining first, then plain runs, then transfer runs
+    bar = tqdm(total=len(cells), desc=f"study {study.name} ({profile})", disable=not progress,
+               dynamic_ncols=True)
+
+    def ready(cell: Cell) -> Cell | None | bool:
+        """The cell to submit (transfer cells resolved), False to wait, None if it cannot run."""
+        if not cell.needs:
+            return cell
+        if cell.pretrain_key in failed:
+            return None
+        pre = results.get(cell.pretrain_key)
+        if pre is None:
+            return False
+        return resolve(cell, pre.get("checkpoints") or {})
+
+    exe = LocalBackend(jobs, threads) if backend == "local" else RayBackend(jobs, threads, address)
+    running: dict[cf.Future, Cell] = {}
+    try:
+        while waiting or running:
+            # pretraining first, then transfer runs whose checkpoint is ready, then the rest
+            for cell in sorted(waiting, key=lambda c: (c.kind != "pretrain", c.needs is None)):
+                if len(running) >= jobs:
+                    break
+                state = ready(cell)
+                if state is False:
+                    continue
+                waiting.remove(cell)
+                if state is None:
+                    failed[cell.key] = f"its pretraining run {cell.pretrain_key} failed"
+                    bar.update(1)
+                    continue
+                by_key[cell.key] = state
+                done = _finished(state)
+                if done is not None:
+                    results[cell.key] = done
+                    skipped += 1
+                    bar.update(1)
+                    continue
+                running[exe.submit(state.kind, to_dict(state.cfg))] = state
+            if not running:
+                if waiting and not any(ready(c) is not False for c in waiting):
+                    raise RuntimeError("study scheduler stalled")  # cannot happen: deps run first
+                continue
+            finished, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
+            for fut in finished:
+                cell = running.pop(fut)
+                try:
+                    results[cell.key] = fut.result()
+                    ran += 1
+                    if tracker:
+                        tracker(cell, results[cell.key])
+                except Exception as err:  # one bad run must not sink the others
+                    user = find_user_error(err)
+                    failed[cell.key] = str(user) if user else f"{type(err).__name__}: {err}"
+                    _record_error(cell, err)
+                bar.update(1)
+    except KeyboardInterrupt:
+        exe.close(cancel=True)
+        raise
+    else:
+        exe.close()
+    finally:
+        bar.close()
+        final = [by_key[c.key] for c in cells]
+        write_text(study_dir / "plan.json", plan_json(study, profile, final))
+    out = StudyResult(study_dir=str(study_dir), runs=len(cells), ran=ran, skipped=skipped,
+                      failed=failed, seconds=round(time.perf_counter() - t0, 1))
+    if report:
+        from lowlabel.study.report import build_report
+
+        out.report = str(build_report(study_dir))
+    write_json(study_dir / "study_result.json", dataclasses.asdict(out))
+    if failed:
+        key, why = next(iter(failed.items()))
+        raise LowlabelError(f"{len(failed)} of {len(cells)} runs failed (first: {key}: {why}); "
+                            f"fix the cause and rerun to finish only what is missing")
+    return out
+
+
+def _finished(cell: Cell) -> dict | None:
+    path = run_dir(cell.cfg) / "result.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def _record_error(cell: Cell, err: BaseException) -> None:
+    folder = cell.run_dir
+    if folder is None:
+        return
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    try:
+        write_text(folder / "error.txt", text)
+    except LowlabelError:
+        log.warning("could not write %s/error.txt", folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# MLflow
+
+
+def _mlflow(uri: str):
+    """A function logging one finished run to MLflow at ``uri``.
+
+    Raises:
+        LowlabelError: MLflow is not installed or the URI is one it refuses.
+    """
+    try:
+        import mlflow
+    except ImportError:
+        raise LowlabelError("--mlflow needs MLflow: pip install 'lowlabel[mlflow]'") from None
+    if not uri.startswith(("sqlite:", "http:", "https:", "postgresql", "mysql", "databricks")):
+        raise LowlabelError(f"--mlflow {uri}: give a database or server URI such as "
+                            "sqlite:///mlflow.db (plain folders are refused by current MLflow)")
+    mlflow.set_tracking_uri(uri)
+
+    def log_run(cell: Cell, result: dict) -> None:
+        folder = Path(result.get("run_dir") or run_dir(cell.cfg))
+        mlflow.set_experiment(Path(cell.cfg.out).parent.name)
+        with mlflow.start_run(run_name=folder.name):
+            mlflow.log_params(_flat(to_dict(cell.cfg)))
+            mlflow.set_tags({"kind": cell.kind, "seed": cell.seed,
+                             "tables": ",".join(sorted(cell.labels))})
+            for row in _rows(folder / "metrics.jsonl"):
+                step = int(row.pop("step", 0))
+                mlflow.log_metrics({k: float(v) for k, v in row.items()
+                                    if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                                   step=step)
+            test = result.get("test") or {}
+            mlflow.log_metrics({f"test_{k}" if not k.startswith("test") else k: float(v)
+                                for k, v in test.items() if isinstance(v, (int, float))})
+            for name in ("config.yaml", "result.json", "metrics.jsonl", "evaluation.csv",
+                         "reconstructions.png"):
+                if (folder / name).exists():
+                    mlflow.log_artifact(str(folder / name))
+
+    return log_run
+
+
+def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "label_map":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _rows(path: Path) -> list[dict]:
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
