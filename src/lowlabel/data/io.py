@@ -36,14 +36,13 @@ def read_nifti(path: str | Path, *, kind: str = "image") -> tuple[np.ndarray, np
     if not path.is_file():
         raise LowlabelError(f"{path}: file not found; check the path in the dataset")
     try:
-        img = nib.load(str(path))
-        data = np.asarray(img.dataobj)
         if path.name.endswith(".gz"):
-            # nibabel stops reading once it has the voxels, so a damaged stream can decode to
-            # garbage without reaching the CRC at its end: drain it so the CRC is checked
-            with gzip.open(path, "rb") as fh:
-                while fh.read(1 << 24):
-                    pass
+            # decompress in one go: gzip checks the stream's CRC, so a damaged file is refused
+            # instead of decoding to garbage (nibabel stops reading once it has the voxels)
+            img = nib.Nifti1Image.from_bytes(gzip.decompress(path.read_bytes()))
+        else:
+            img = nib.load(str(path))
+        data = np.asarray(img.dataobj)
     except (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.ImageFileError) as err:
         reason = "truncated" if isinstance(err, EOFError) or "EOF" in str(err) else "corrupt"
         raise LowlabelError(
