@@ -121,7 +121,9 @@ def data_check(
     for problem in report["problems"]:
         typer.echo(f"  problem: {problem}")
     if report["problems"]:
-        raise LowlabelError(f"{dataset}: {len(report['problems'])} problem(s) found; see above")
+        # the one error line names the first offending file; the others are listed above
+        raise LowlabelError(f"{len(report['problems'])} problem(s) in {dataset}, the first: "
+                            f"{report['problems'][0]}")
 
 
 @data_app.command("demo")
