@@ -43,7 +43,8 @@ def read_nifti(path: str | Path, *, kind: str = "image") -> tuple[np.ndarray, np
         else:
             img = nib.load(str(path))
         data = np.asarray(img.dataobj)
-    except (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.ImageFileError) as err:
+    except (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.ImageFileError,
+            nib.spatialimages.HeaderDataError) as err:  # from_bytes: garbage in a valid gzip
         reason = "truncated" if isinstance(err, EOFError) or "EOF" in str(err) else "corrupt"
         raise LowlabelError(
             f"{path}: cannot read NIfTI ({reason}: {str(err).splitlines()[0][:80]}); "
