@@ -103,9 +103,10 @@ class TrainConfig:
         val_every: validate every this many steps.
         patience: validations without improvement of more than ``min_delta`` before stopping;
             0 disables early stopping.
-        threads: torch threads, 0 for all cores.
+        threads: torch threads; 0 for the cores that the loader workers leave free.
         bf16: bfloat16 autocast on the CPU (changes numerics; opt-in).
-        workers: data-loader worker processes preparing batches ahead of the step.
+        workers: data-loader worker processes preparing batches while the network trains on
+            the previous one (same batches whatever the number).
         channels_last: channels-last memory layout for the network (same numerics up to
             rounding; measured no faster here, see benchmarks/results/train_speed.json).
         compile: ``torch.compile`` the network; pays a compile of tens of seconds up front.
@@ -123,7 +124,7 @@ class TrainConfig:
     min_delta: float = 0.0
     threads: int = 0
     bf16: bool = False
-    workers: int = 0
+    workers: int = 1
     channels_last: bool = False
     compile: bool = False
     sw_batch_size: int = 4

@@ -67,8 +67,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def set_threads(threads: int) -> None:
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+def set_threads(threads: int, workers: int = 0) -> None:
+    """``threads`` torch threads; 0 takes the cores that the loader ``workers`` leave free.
+
+    On a busy machine one thread per core that nobody else needs matters more than the thread
+    count: two threads that wait on each other at every layer lose whole time slices whenever
+    the scheduler parks one of them (see benchmarks/results/train_speed.json).
+    """
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - workers))
 
 
 def resolve_dataset(cfg: RunConfig) -> Dataset:
@@ -244,7 +250,7 @@ def fit(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
     out, finished = prepare_run_dir(cfg, resume)
     if finished is not None:
         return finished
-    set_threads(cfg.train.threads)
+    set_threads(cfg.train.threads, cfg.train.workers)
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
     ds = resolve_dataset(cfg)
