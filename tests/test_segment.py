@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import os
 import pickle
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -339,3 +341,17 @@ def test_2d_model_segments_volumes_and_refuses_single_slices(trained, tmp_path):
     one = write(tmp_path / "one.nii.gz", image[:, :, 5:6], np.eye(4))
     with pytest.raises(LowlabelError, match="single slice"):
         check_scan(one, model)
+
+
+def test_the_real_command_prints_one_line_for_a_garbage_nifti(trained, tmp_path):
+    """nibabel logs its own header complaints; the user still sees one line (own process, so
+    nothing of the test's logging set-up hides a stray line)."""
+    garbage = tmp_path / "garbage.nii.gz"
+    garbage.write_bytes(gzip.compress(b"not a NIfTI header at all " * 30))
+    proc = subprocess.run([sys.executable, "-m", "lowlabel.cli", "segment", str(trained["bundle"]),
+                           str(garbage), "-o", str(tmp_path / "out"), "--quiet"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith(f"error: {garbage}: cannot read NIfTI (corrupt")

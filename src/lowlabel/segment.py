@@ -23,7 +23,8 @@ import torch
 from lowlabel.atomic import write_text
 from lowlabel.bundle import Bundle
 from lowlabel.bundle import load as load_bundle
-from lowlabel.data.io import TISSUES, write_nifti
+from lowlabel.data.io import TISSUES, quiet_nibabel, write_nifti
+from lowlabel.data.transforms import patch_shape
 from lowlabel.errors import LowlabelError, unwrap
 
 log = logging.getLogger(__name__)
@@ -90,10 +91,11 @@ def check_scan(path: Path, bundle: Bundle) -> None:
         LowlabelError: a 2D image, or a size or voxel spacing the model cannot take.
     """
     try:
-        img = nib.load(str(path))
-        shape = tuple(int(s) for s in img.shape)
-        affine = np.asarray(img.affine, dtype=np.float64)
-    except Exception:  # noqa: BLE001 - the loader reports corrupt files with their reason
+        with quiet_nibabel():
+            img = nib.load(str(path))
+            shape = tuple(int(s) for s in img.shape)
+            affine = np.asarray(img.affine, dtype=np.float64)
+    except Exception:  # the checked loader reports a corrupt file with its reason
         return
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
@@ -123,8 +125,12 @@ def check_scan(path: Path, bundle: Bundle) -> None:
         raise LowlabelError(
             f"{path}: voxels of {spacing} mm are too coarse for a model trained at "
             f"{model_spacing} mm (at most {MAX_COARSER:g}x coarser); use a finer scan")
-    need = 2 ** (cfg.model.levels - 1)
-    if (grid[seen] < need).any():
+    # the network's coarsest level needs 2**(levels-1) voxels, and a scan under half the training
+    # window would be mostly padding, which the model never saw in training
+    window = np.asarray(patch_shape(cfg.data), dtype=float)[world]
+    need = np.maximum(2 ** (cfg.model.levels - 1), np.ceil(window / 2))
+    if (grid < need)[seen].any():
+        need = int(need[seen].max())
         raise LowlabelError(
             f"{path}: {dims} voxels of {spacing} mm is too small for the model (at least {need} "
             f"voxels of {model_spacing} mm along each axis); give the whole brain")

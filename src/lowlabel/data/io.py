@@ -5,8 +5,11 @@ Every reader error becomes a :class:`LowlabelError` that names the file and the 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import logging
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -17,6 +20,18 @@ from lowlabel.errors import LowlabelError
 
 TISSUES = ("CSF", "GM", "WM")
 LABEL_NAMES = ("background",) + TISSUES
+
+
+@contextlib.contextmanager
+def quiet_nibabel() -> Iterator[None]:
+    """Mute nibabel's own header-check log lines: a bad file is reported once, in one line."""
+    logger = logging.getLogger("nibabel.global")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def read_nifti(path: str | Path, *, kind: str = "image") -> tuple[np.ndarray, np.ndarray]:
@@ -36,13 +51,14 @@ def read_nifti(path: str | Path, *, kind: str = "image") -> tuple[np.ndarray, np
     if not path.is_file():
         raise LowlabelError(f"{path}: file not found; check the path in the dataset")
     try:
-        if path.name.endswith(".gz"):
-            # decompress in one go: gzip checks the stream's CRC, so a damaged file is refused
-            # instead of decoding to garbage (nibabel stops reading once it has the voxels)
-            img = nib.Nifti1Image.from_bytes(gzip.decompress(path.read_bytes()))
-        else:
-            img = nib.load(str(path))
-        data = np.asarray(img.dataobj)
+        with quiet_nibabel():
+            if path.name.endswith(".gz"):
+                # decompress in one go: gzip checks the stream's CRC, so a damaged file is refused
+                # instead of decoding to garbage (nibabel stops reading once it has the voxels)
+                img = nib.Nifti1Image.from_bytes(gzip.decompress(path.read_bytes()))
+            else:
+                img = nib.load(str(path))
+            data = np.asarray(img.dataobj)
     except (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.ImageFileError,
             nib.spatialimages.HeaderDataError) as err:  # from_bytes: garbage in a valid gzip
         reason = "truncated" if isinstance(err, EOFError) or "EOF" in str(err) else "corrupt"
