@@ -91,7 +91,7 @@ def assert_same_grid(seg: nib.Nifti1Image, scan: nib.Nifti1Image) -> None:
     assert set(values.tolist()) <= {0, 1, 2, 3}
 
 
-def test_flipped_orientations_give_the_flipped_segmentation(bundle, tmp_path):
+def test_reoriented_scans_give_the_same_segmentation(bundle, tmp_path):
     from lowlabel.segment import segment
 
     image, _ = phantom((32, 30, 28), seed=11)
@@ -99,11 +99,12 @@ def test_flipped_orientations_give_the_flipped_segmentation(bundle, tmp_path):
     ras[:3, 3] = (-16, -15, -14)
     scans = {"ras": (image, ras),
              "las": (np.flip(image, 0), flip_affine(ras, image.shape, (0,))),
-             "lpi": (np.flip(image, (1, 2)), flip_affine(ras, image.shape, (1, 2)))}
+             "lpi": (np.flip(image, (1, 2)), flip_affine(ras, image.shape, (1, 2))),
+             "oblique": (image, oblique(image.shape))}
     paths = [write(tmp_path / "in" / f"{k}.nii.gz", np.ascontiguousarray(v), a)
              for k, (v, a) in scans.items()]
     result = segment(bundle, paths, tmp_path / "out", progress=False)
-    assert result.errors == [] and len(result.rows) == 3
+    assert result.errors == [] and len(result.rows) == 4
     segs = {k: seg_of(tmp_path / "out", k) for k in scans}
     for key, path in zip(scans, paths, strict=True):
         assert_same_grid(segs[key], nib.load(str(path)))
@@ -114,6 +115,8 @@ def test_flipped_orientations_give_the_flipped_segmentation(bundle, tmp_path):
     # the same world image in another voxel order is the same segmentation, voxel for voxel
     np.testing.assert_array_equal(np.asarray(segs["las"].dataobj), np.flip(ras_seg, 0))
     np.testing.assert_array_equal(np.asarray(segs["lpi"].dataobj), np.flip(ras_seg, (1, 2)))
+    # a tilted grid at the model's spacing is segmented as it lies, without resampling
+    np.testing.assert_array_equal(np.asarray(segs["oblique"].dataobj), ras_seg)
 
 
 @pytest.mark.parametrize("case", ["oblique", "anisotropic", "oblique_anisotropic", "singleton"])
