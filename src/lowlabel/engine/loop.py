@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from lowlabel.atomic import append_line, write_json, write_text
 from lowlabel.config import RunConfig, dump_yaml, run_dir, to_dict
-from lowlabel.data.datasets import Dataset, load_dataset
+from lowlabel.data.datasets import Dataset, check_pair, load_dataset
 from lowlabel.data.demo import demo_dataset
 from lowlabel.data.io import spacing_of
 from lowlabel.data.splits import dataset_key, labelled, load_or_make, save
@@ -262,7 +262,11 @@ def fit(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
     train_items = cache(ds.by_id(split["train"]), Compose([pre, index_foreground()]),
                         "cache train", progress)
     val_items = cache(ds.by_id(split["val"]), pre, "cache val", progress)
-    _check_size(train_items + val_items, ds, split, cfg)
+    check_size(train_items + val_items, cfg)
+    if evaluate_test:
+        # a bad test scan is found now, not after the whole training budget has been spent
+        for subject in ds.by_id(split["test"]):
+            check_pair(subject, cfg.data.label_map)
     prep_seconds = time.perf_counter() - t0
 
     seed_everything(cfg.seed)
@@ -385,20 +389,22 @@ def evaluate_model(model: nn.Module, cfg: RunConfig, subjects: list[dict], out: 
     return evaluate(model, cfg, subjects, out, progress)
 
 
-def _check_size(items: list[dict], ds: Dataset, split: dict, cfg: RunConfig) -> None:
-    """A scan smaller than the network's coarsest level is refused rather than padded."""
+def check_size(items: list[dict], cfg: RunConfig) -> None:
+    """A scan smaller than the network's coarsest level is refused rather than padded.
+
+    Args:
+        items: preprocessed subjects whose ``image`` carries its file name and original affine.
+    """
     need = 2 ** (cfg.model.levels - 1)
-    ids = split["train"] + split["val"]
-    for sid, item in zip(ids, items, strict=True):
+    for item in items:
         meta = item["image"].meta
         extent = np.asarray(meta["spatial_shape"]) * np.asarray(spacing_of(meta["original_affine"]))
         voxels = sorted(extent / np.asarray(cfg.data.spacing))
         if cfg.data.spatial_dims == 2:
             voxels = voxels[1:]
         if voxels[0] < need:
-            path = ds.by_id([sid])[0]["image"]
             raise LowlabelError(
-                f"{path}: about {int(voxels[0])} voxels along an axis at data.spacing is too small "
-                f"for a {cfg.model.levels}-level network (needs {need}); "
-                "use fewer model.levels or a finer data.spacing"
+                f"{meta['filename_or_obj']}: about {int(voxels[0])} voxels along an axis at "
+                f"data.spacing is too small for a {cfg.model.levels}-level network (needs "
+                f"{need}); use fewer model.levels or a finer data.spacing"
             )

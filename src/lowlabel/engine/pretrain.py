@@ -30,6 +30,7 @@ from lowlabel.engine.inference import autocast, predict_logits
 from lowlabel.engine.loop import (
     Batches,
     _read_metrics,
+    check_size,
     resolve_dataset,
     resolve_splits,
     seed_everything,
@@ -190,6 +191,7 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> 
     pre = preprocess(cfg.data, keys=("image",))
     pool_items = cache_images(pool, pre, "cache pool", progress)
     val_items = cache_images(val, pre, "cache val", progress)
+    check_size(pool_items + val_items, cfg)
     val_x = val_inputs(val_items, cfg)
 
     seed_everything(cfg.seed)
