@@ -18,6 +18,8 @@ import os
 import platform
 import re
 import shutil
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -37,7 +39,8 @@ def machine() -> str:
             f"load average at start {load} (cores shared with other jobs)")
 
 
-def run_profile(profile: str, data: str | None, out: Path, jobs: int) -> dict:
+def run_profile(profile: str, data: str | None, out: Path, jobs: int,
+                timeout_min: float = 0.0) -> dict:
     if out.exists():
         shutil.rmtree(out)
     cmd = [sys.executable, "-m", "lowlabel.cli", "study", "seed", "--profile", profile,
@@ -48,7 +51,7 @@ def run_profile(profile: str, data: str | None, out: Path, jobs: int) -> dict:
         cmd += ["--jobs", str(jobs)]
     peak = [0.0]
     t0 = time.perf_counter()
-    proc = psutil.Popen(cmd)
+    proc = psutil.Popen(cmd, start_new_session=True)
     stop = threading.Event()
 
     def sample() -> None:
@@ -63,17 +66,30 @@ def run_profile(profile: str, data: str | None, out: Path, jobs: int) -> dict:
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    rc = proc.wait()
+    try:
+        rc = proc.wait(timeout=timeout_min * 60 or None)
+        stopped = False
+    except psutil.TimeoutExpired:
+        # out of time: interrupt the study like Ctrl-C; what finished stays finished
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait()
+        stopped = True
     wall = time.perf_counter() - t0
     stop.set()
     thread.join()
+    if stopped and (out / "plan.json").exists():
+        subprocess.run([sys.executable, "-m", "lowlabel.cli", "report", str(out)], check=False)
     summary = json.loads((out / "study_result.json").read_text()) if (
         out / "study_result.json").exists() else {}
     plan = json.loads((out / "plan.json").read_text()) if (out / "plan.json").exists() else {}
     seeds = sorted({c["seed"] for c in plan.get("cells", [])})
     usage = os.times()
+    finished = len(list((out / "runs").glob("*/result.json")))
     return {"wall_seconds": round(wall, 1), "peak_rss_mb": round(peak[0], 1),
-            "runs": summary.get("runs", 0), "ran": summary.get("ran", 0),
+            "runs": summary.get("runs", len(plan.get("cells", []))),
+            "finished_runs": finished, "completed": not stopped and rc == 0,
+            "stopped_after_minutes": timeout_min if stopped else None,
+            "ran": summary.get("ran"),
             "failed": len(summary.get("failed", {})), "seeds": len(seeds), "exit_code": rc,
             "cpu_seconds_children": round(usage.children_user + usage.children_system, 1),
             "command": " ".join(["lowlabel", *cmd[3:]]), "study_dir": str(out)}
@@ -89,6 +105,8 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="dataset for the cpu profile")
     parser.add_argument("--out", default="/tmp/lowlabel-bench-study")
     parser.add_argument("--jobs", type=int, default=0)
+    parser.add_argument("--timeout-minutes", type=float, default=0.0,
+                        help="interrupt the study after this long and report what finished")
     args = parser.parse_args()
     path = RESULTS / "study.json"
     results = json.loads(path.read_text()) if path.exists() else {}
@@ -97,11 +115,11 @@ def main() -> None:
     for profile in profiles:
         data = args.data if profile == "cpu" else None
         out = Path(args.out) / profile
-        res = run_profile(profile, data, out, args.jobs)
+        res = run_profile(profile, data, out, args.jobs, args.timeout_minutes)
         res["benchmark_command"] = "nice -n 10 python benchmarks/study.py " + " ".join(sys.argv[1:])
         results[profile] = res
         print(json.dumps({profile: res}, indent=1))
-        if profile == "cpu" and (out / "report.md").exists():
+        if profile == "cpu" and (out / "report.md").exists():  # tables only: scans are licensed
             text = strip_images((out / "report.md").read_text())
             (RESULTS / "study_cpu_report.md").write_text(text)
         RESULTS.mkdir(exist_ok=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -216,6 +217,13 @@ def test_shipped_study_smoke_run_then_rerun_finishes_only_missing(name, tmp_path
         assert table["title"] in report
     assert page.count("<table>") >= len(plan["tables"]) and "data:image/png;base64," in page
     assert "src=\"figures/" not in page  # self-contained
+    if shutil.which("chromium"):  # the page renders in a real browser, tables and images shown
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+        from check_report_html import check
+
+        shown = check(out / "report.html")
+        assert shown["tables"] >= len(plan["tables"]) and 0 not in shown["rows"]
+        assert shown["images"] >= 3 and shown["broken"] == []
 
     # damage: one run interrupted (result.json gone, checkpoint kept), one never started
     train = sorted(f for f in folders if f.name.startswith("seg-") and "-scratch-" in f.name)

@@ -145,7 +145,8 @@ def train_table(plan: dict, runs: list[Run], name: str) -> Table:
     spec = plan["tables"][name]
     axes = spec.get("axes") or []
     metrics = spec.get("metrics") or list(TRAIN_COLUMNS)
-    header = [a.capitalize() for a in axes] + [TRAIN_COLUMNS.get(m, m) for m in metrics] + ["Seeds"]
+    header = ([a.capitalize() for a in axes] + [TRAIN_COLUMNS.get(m, m) for m in metrics]
+              + ["Stopped early", "Seeds"])
     rows = []
     for labels, group in _groups(plan, runs, name):
         done = [r for r in group if r.result is not None]
@@ -153,9 +154,11 @@ def train_table(plan: dict, runs: list[Run], name: str) -> Table:
         cells = [labels[a] for a in axes]
         for metric in metrics:
             cells.append(summarize(r.value(metric) for r in done).text(digits.get(metric, 3)))
+        cells.append(f"{sum(bool(r.result.get('stopped_early')) for r in done)}/{len(done)}")
         cells.append(f"{len(done)}/{len(group)}")
         rows.append(cells)
-    note = "Each cell: mean ± SD [95% CI] over seeds (each seed also draws the labelled subjects)."
+    note = ("Each cell: mean ± SD [95% CI] over seeds (each seed also draws the labelled "
+            "subjects); a single number when there is one seed or all seeds agree.")
     return Table(name, spec.get("title", name), header, rows, note)
 
 
@@ -296,12 +299,14 @@ def dice_vs_labels(runs: list[Run], path: Path) -> Path | None:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name, by_n in sorted(points.items()):
+    for i, (name, by_n) in enumerate(sorted(points.items())):
         ns = sorted(by_n)
+        shift = 0.06 * (i - (len(points) - 1) / 2)  # keep overlapping error bars apart
         s = [summarize(by_n[n]) for n in ns]
         lo = [x.mean - x.ci_low if x.n > 1 else 0 for x in s]
         hi = [x.ci_high - x.mean if x.n > 1 else 0 for x in s]
-        ax.errorbar(ns, [x.mean for x in s], yerr=[lo, hi], marker="o", capsize=3, label=name)
+        ax.errorbar([n + shift for n in ns], [x.mean for x in s], yerr=[lo, hi], marker="o",
+                    capsize=3, label=name)
     ax.set(xlabel="labelled training subjects", ylabel="test mean Dice (95% CI over seeds)",
            title="Dice against the number of labelled subjects")
     ax.grid(alpha=0.3)

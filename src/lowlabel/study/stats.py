@@ -29,8 +29,8 @@ class Summary:
         """``mean ± SD [low, high]``, or the mean alone for one value."""
         if self.n == 0:
             return "–"
-        if self.n < 2 or math.isnan(self.sd):
-            return f"{self.mean:.{digits}f}"
+        if self.n < 2 or math.isnan(self.sd) or self.sd == 0:
+            return f"{self.mean:.{digits}f}"  # one value, or every seed agrees
         return (f"{self.mean:.{digits}f} ± {self.sd:.{digits}f} "
                 f"[{self.ci_low:.{digits}f}, {self.ci_high:.{digits}f}]")
 
