@@ -117,7 +117,7 @@ class LocalBackend:
 class RayBackend:
     """Ray tasks on a cluster (``address``) or on a local Ray; one CPU slot per thread."""
 
-    def __init__(self, jobs: int, threads: int, address: str | None) -> None:
+    def __init__(self, jobs: int, address: str | None) -> None:
         try:
             import ray
         except ImportError:
@@ -129,8 +129,12 @@ class RayBackend:
             except ConnectionError as err:
                 raise LowlabelError(f"--address {address}: cannot reach a Ray cluster ({err}); "
                                     "start one with 'ray start --head' or drop --address") from None
-        self.jobs, self.threads = jobs, threads
-        self.task = ray.remote(num_cpus=threads)(_ray_run_cell)
+        # size the runs by the cluster, not by this machine: a task asking for more CPUs than
+        # the cluster has would wait forever
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self.jobs = jobs or cpus
+        self.threads = max(1, cpus // self.jobs)
+        self.task = ray.remote(num_cpus=self.threads)(_ray_run_cell)
 
     def submit(self, kind: str, config: dict) -> cf.Future:
         return self.task.remote(kind, config, self.threads).future()
@@ -215,9 +219,12 @@ def run_study(study: Study | str | Path, profile: str = "quick", data: str | Non
         raise LowlabelError(f"--backend '{backend}': choose local or ray")
     tracker = _mlflow(mlflow_uri) if mlflow_uri else None
     study, study_dir, cells = prepare(study, profile, data, study_dir, seeds, overrides)
-    cores = os.cpu_count() or 1
-    jobs = jobs or default_jobs()
-    threads = max(1, cores // jobs)
+    if backend == "local":
+        jobs = jobs or default_jobs()
+        exe = LocalBackend(jobs, max(1, (os.cpu_count() or 1) // jobs))
+    else:
+        exe = RayBackend(jobs, address)
+        jobs = exe.jobs
     results: dict[str, dict] = {}
     failed: dict[str, str] = {}
     ran = skipped = 0
@@ -237,7 +244,6 @@ def run_study(study: Study | str | Path, profile: str = "quick", data: str | Non
             return False
         return resolve(cell, pre.get("checkpoints") or {})
 
-    exe = LocalBackend(jobs, threads) if backend == "local" else RayBackend(jobs, threads, address)
     running: dict[cf.Future, Cell] = {}
     try:
         while waiting or running:
