@@ -157,7 +157,10 @@ def prepare(study: Study | str | Path, profile: str = "quick", data: str | None 
     """
     if not isinstance(study, Study):
         study = load_study(study)
-    study_dir = Path(study_dir or Path("studies") / f"{study.name}-{profile}")
+    # absolute, so that Ray workers (whose working folder differs) write into the same place
+    study_dir = Path(study_dir or Path("studies") / f"{study.name}-{profile}").resolve()
+    if data is not None and Path(data).exists():
+        data = str(Path(data).resolve())
     cells = expand(study, profile, data, study_dir, seeds, overrides)
     if any(c.kind == "pretrain" for c in cells):
         try:
