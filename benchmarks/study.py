@@ -50,6 +50,7 @@ def run_profile(profile: str, data: str | None, out: Path, jobs: int,
     if jobs:
         cmd += ["--jobs", str(jobs)]
     peak = [0.0]
+    load = [round(x, 1) for x in os.getloadavg()]
     t0 = time.perf_counter()
     proc = psutil.Popen(cmd, start_new_session=True)
     stop = threading.Event()
@@ -92,7 +93,8 @@ def run_profile(profile: str, data: str | None, out: Path, jobs: int,
             "ran": summary.get("ran"),
             "failed": len(summary.get("failed", {})), "seeds": len(seeds), "exit_code": rc,
             "cpu_seconds_children": round(usage.children_user + usage.children_system, 1),
-            "command": " ".join(["lowlabel", *cmd[3:]]), "study_dir": str(out)}
+            "load_average_at_start": load, "command": " ".join(["lowlabel", *cmd[3:]]),
+            "study_dir": str(out)}
 
 
 def strip_images(markdown: str) -> str:

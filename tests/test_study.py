@@ -297,11 +297,11 @@ def test_mlflow_logs_each_run(tmp_path, tiny_dataset):
     from lowlabel.study.runner import run_study
 
     path = write_study(tmp_path / "t.yaml", tiny_dataset, seeds=[0],
-                       tables={"t": {"axes": ["data"]}}, comparisons=[])
+                       tables={"t": {"set": {"model.levels": 3, "data.budget": 2}}})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = run_study(path, study_dir=tmp_path / "st", mlflow_uri=uri, jobs=2, progress=False,
                        report=False)
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["st"])
-    assert len(runs) == result.runs == 2
+    assert len(runs) == result.runs == 1
     assert "metrics.test_mean_dice" in runs.columns and "params.model.levels" in runs.columns

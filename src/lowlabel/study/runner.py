@@ -245,7 +245,11 @@ def run_study(study: Study | str | Path, profile: str = "quick", data: str | Non
         pre = results.get(cell.pretrain_key)
         if pre is None:
             return False
-        return resolve(cell, pre.get("checkpoints") or {})
+        try:
+            return resolve(cell, pre.get("checkpoints") or {})
+        except LowlabelError as err:
+            failed[cell.key] = str(err)
+            return None
 
     running: dict[cf.Future, Cell] = {}
     try:
@@ -259,7 +263,7 @@ def run_study(study: Study | str | Path, profile: str = "quick", data: str | Non
                     continue
                 waiting.remove(cell)
                 if state is None:
-                    failed[cell.key] = f"its pretraining run {cell.pretrain_key} failed"
+                    failed.setdefault(cell.key, f"its pretraining run {cell.pretrain_key} failed")
                     bar.update(1)
                     continue
                 by_key[cell.key] = state
@@ -280,13 +284,16 @@ def run_study(study: Study | str | Path, profile: str = "quick", data: str | Non
                 try:
                     results[cell.key] = fut.result()
                     ran += 1
-                    if tracker:
-                        tracker(cell, results[cell.key])
                 except Exception as err:  # one bad run must not sink the others
                     user = find_user_error(err)
                     failed[cell.key] = str(user) if user else f"{type(err).__name__}: {err}"
                     _record_error(cell, err)
                 bar.update(1)
+                if tracker and cell.key in results:
+                    try:
+                        tracker(cell, results[cell.key])
+                    except Exception as err:  # tracking is a side channel; the run is done
+                        log.warning("MLflow logging failed for %s: %s", cell.key, err)
     except KeyboardInterrupt:
         exe.close(cancel=True)
         raise
