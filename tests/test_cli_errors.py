@@ -267,16 +267,22 @@ def _outcome(job: dict, rc: int) -> dict:
             "changed": sorted(p for p in inputs if p in after and after[p] != inputs[p])}
 
 
-def _run_forked(world: World, cases: list[tuple[str, str]]) -> dict:
-    (world.root / "logs").mkdir(exist_ok=True)
-    jobs = [_prepare(world, case) for case in cases]
-    spec, out, server = (world.root / n for n in ("cases.json", "rcs.json", "server.py"))
+def fork_cli(jobs: list[dict], root: Path) -> list[int]:
+    """Run ``lowlabel`` once per job (``argv``, ``cwd``, ``env``, ``stdout``, ``stderr`` paths),
+    each in a process forked from :data:`FORK_SERVER`; returns the exit statuses."""
+    spec, out, server = (root / n for n in ("cases.json", "rcs.json", "server.py"))
     spec.write_text(json.dumps([{k: j[k] for k in ("argv", "cwd", "env", "stdout", "stderr")}
                                 for j in jobs]))
     server.write_text(FORK_SERVER)
     subprocess.run([sys.executable, str(server), str(spec), str(out)], check=True, timeout=600,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
-    rcs = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def _run_forked(world: World, cases: list[tuple[str, str]]) -> dict:
+    (world.root / "logs").mkdir(exist_ok=True)
+    jobs = [_prepare(world, case) for case in cases]
+    rcs = fork_cli(jobs, world.root)
     return {case: _outcome(job, rc) for case, job, rc in zip(cases, jobs, rcs, strict=True)}
 
 

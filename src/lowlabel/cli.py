@@ -5,6 +5,7 @@ Heavy modules (torch, MONAI) are imported inside the commands so ``lowlabel --he
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -263,6 +264,10 @@ def segment(
         sys.exit(EXIT_USAGE)  # after the good scans are written; typer.Exit would be swallowed
 
 
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
+                 errno.ENOTDIR, errno.EEXIST, errno.EISDIR}
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -274,6 +279,15 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted; rerun with --resume to continue", err=True)
         sys.exit(130)
+    except OSError as err:
+        # an output that cannot be written (a file in the way, read-only, disk full), met
+        # outside the atomic writers: still one line that names the path
+        if err.errno not in _WRITE_ERRNOS or not err.filename:
+            raise
+        from lowlabel.atomic import _write_error
+
+        typer.echo(f"error: {_write_error(Path(err.filename), err)}", err=True)
+        sys.exit(EXIT_USAGE)
     except Exception as err:  # a user error wrapped by a library keeps its one line
         import click
 

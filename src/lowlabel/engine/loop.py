@@ -282,8 +282,10 @@ def fit(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
         group["base_lr"] = group["lr"]
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
 
+    # "losses" since the last validation live in the checkpoint too, so a run resumed between
+    # validations logs the same train_loss as an uninterrupted one
     state = {"step": 0, "best_metric": -1.0, "best_step": 0, "bad": 0, "stopped": False,
-             "train_seconds": 0.0}
+             "train_seconds": 0.0, "losses": []}
     metrics_path = out / "metrics.jsonl"
     last, best = out / "last.safetensors", out / "best.safetensors"
     if resume and last.exists():
@@ -311,7 +313,6 @@ def fit(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
     loader = train_loader(cfg, train_items, state["step"])
     bar = tqdm(total=steps, initial=state["step"], desc=f"train {out.name}", disable=not progress,
                dynamic_ncols=True)
-    losses: list[float] = []
     tick = ready = time.perf_counter()
     timing = {"data": 0.0, "steps": 0.0, "n": 0}  # time waiting for batches, and in steps
     for image, label in loader if not state["stopped"] and state["step"] < steps else []:
@@ -321,7 +322,7 @@ def fit(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
         else:
             model.train()
         set_learning_rate(optimizer, cfg, state["step"])
-        losses.append(train_step(net, optimizer, loss_fn, image, label, cfg.train.bf16))
+        state["losses"].append(train_step(net, optimizer, loss_fn, image, label, cfg.train.bf16))
         timing["steps"] += time.perf_counter() - ready
         timing["n"] += 1
         state["step"] += 1
@@ -330,12 +331,12 @@ def fit(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
         out_of_time = bool(cfg.train.max_minutes) and (
             state["train_seconds"] + time.perf_counter() - tick > 60 * cfg.train.max_minutes)
         if step % val_every == 0 or step == steps or out_of_time:
-            row = {"step": step, "train_loss": float(np.mean(losses))}
+            row = {"step": step, "train_loss": float(np.mean(state["losses"]))}
             row.update(validate(model, val_items, cfg))
             state["train_seconds"] += time.perf_counter() - tick
             tick = time.perf_counter()
             row["seconds"] = round(state["train_seconds"], 3)
-            losses = []
+            state["losses"] = []
             improved = row["val_dice"] > state["best_metric"] + cfg.train.min_delta
             if improved:
                 state.update(best_metric=row["val_dice"], best_step=step, bad=0)

@@ -198,8 +198,10 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> 
     model = build_pretrain_model(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain.lr,
                                   weight_decay=cfg.train.weight_decay)
+    # "losses" since the last validation live in the checkpoint too, so a run resumed between
+    # validations logs the same train_loss as an uninterrupted one
     state: dict = {"step": 0, "seconds": 0.0, "seen": [0] * len(pool), "train_loss": math.nan,
-                   "val_mse": math.nan, "val_mae": math.nan}
+                   "val_mse": math.nan, "val_mae": math.nan, "losses": []}
     metrics_path = out / "metrics.jsonl"
     if resume and last.exists():
         tensors, meta = checkpoint.load(last)
@@ -239,7 +241,6 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> 
         generator=torch.Generator().manual_seed(cfg.seed))
     bar = tqdm(total=steps, initial=state["step"], desc=f"pretrain {out.name}",
                disable=not progress, dynamic_ncols=True)
-    losses: list[float] = []
     tick = time.perf_counter()
     for x, target, index in loader if state["step"] < steps else []:
         model.train()
@@ -252,17 +253,17 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> 
         state["step"] += 1
         for i in index.tolist():
             state["seen"][i] += 1
-        losses.append(loss.item())
+        state["losses"].append(loss.item())
         bar.update(1)
         step = state["step"]
         validated = step % val_every == 0 or step == steps
         if validated:
-            row = {"step": step, "train_loss": float(np.mean(losses))}
+            row = {"step": step, "train_loss": float(np.mean(state["losses"]))}
             row.update(validate_recon(model, val_items, val_x, cfg))
             state["seconds"] += time.perf_counter() - tick
             tick = time.perf_counter()
             row["seconds"] = round(state["seconds"], 3)
-            losses = []
+            state["losses"] = []
             state.update(train_loss=row["train_loss"], val_mse=row["val_mse"],
                          val_mae=row["val_mae"])
             append_line(metrics_path, json.dumps(row))
