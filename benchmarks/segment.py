@@ -111,6 +111,35 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
+def speed_check(args: argparse.Namespace) -> None:
+    """Time single-scan runs of the last full run's bundle on its first test scan."""
+    from lowlabel.atomic import write_json
+
+    result = json.loads(args.out.read_text())
+    model = args.work / "model"
+    run = Path(result["model"]["run_dir"])
+    split = json.loads((run / "splits.json").read_text())
+    from lowlabel.data.datasets import load_dataset
+
+    image = load_dataset(split["source"]).by_id(split["test"][:1])[0]["image"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    runs = []
+    for i in range(args.speed_check):
+        out = args.work / "speed" / str(i)
+        t = timed([sys.executable, "-m", "lowlabel.cli", "segment", str(model), image, "-o",
+                   str(out), "--quiet"], env)
+        runs.append({k: round(v, 3) for k, v in t.items()})
+        print(runs[-1], flush=True)
+    result["speed_check"] = {
+        "scan": image, "nice": os.nice(0), "runs": runs,
+        "best_seconds": min(r["seconds"] for r in runs),
+        "command": " ".join(["python", Path(__file__).relative_to(ROOT).as_posix()]
+                            + sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json(args.out, result)
+
+
 def choose_run(foundation: Path, run_dir: Path | None) -> tuple[Path, str]:
     if foundation.is_file():
         low = (json.loads(foundation.read_text()).get("low") or {}).get("run_dir")
@@ -134,9 +163,15 @@ def main() -> None:
                         default=ROOT / "benchmarks" / "results" / "segment.json")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ants-python", type=Path, default=ANTS_PYTHON)
+    parser.add_argument("--speed-check", type=int, default=0, metavar="N",
+                        help="only time N more single-scan runs of the bundle made by the last "
+                        "full run (meant without nice) and add them to the JSON")
     args = parser.parse_args()
     if args.atropos:
         atropos_worker(*args.atropos)
+        return
+    if args.speed_check:
+        speed_check(args)
         return
 
     from lowlabel.atomic import write_json
@@ -197,6 +232,7 @@ def main() -> None:
         "goal": {"seconds_per_scan": 10.0, "peak_rss_mb": 2048},
         "model": {"run_dir": str(run), "source": run_source,
                   "labelled_subjects": split.get("train"),
+                  "steps": json.loads((run / "result.json").read_text()).get("steps"),
                   "test_dice_at_training": json.loads((run / "result.json").read_text())
                   .get("test", {}).get("mean_dice")},
         "test_subjects": split["test"],

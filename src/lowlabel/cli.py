@@ -252,6 +252,11 @@ def segment(
     quiet: QuietOpt = False,
 ) -> None:
     """Segment scans into CSF, GM and WM on each scan's own grid; tissue volumes in volumes.csv."""
+    import os
+
+    # idle OpenMP threads sleep instead of spinning (read when torch loads): on a shared CPU,
+    # spinning threads took half of a segmentation's time
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from lowlabel.segment import segment as segment_scans
 
     result = segment_scans(model_dir, inputs, out, probabilities=probabilities, progress=not quiet)
