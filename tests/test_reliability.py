@@ -25,7 +25,7 @@ import pytest
 import torch
 from conftest import make_tiny_dataset, tiny_overrides
 from safetensors.torch import load_file
-from test_cli_errors import World, fork_cli
+from test_cli_errors import COMMANDS, World, fork_cli
 
 from lowlabel import atomic, cli
 from lowlabel.config import load_config, run_dir
@@ -279,18 +279,6 @@ def world(tmp_path_factory) -> World:
     return World(tmp_path_factory.mktemp("world"))
 
 
-def _fork(world: World, cases: dict[str, list[str]], tmp_path: Path) -> dict[str, dict]:
-    jobs = []
-    for name, argv in cases.items():
-        jobs.append({"argv": argv, "cwd": str(tmp_path), "stdout": str(tmp_path / f"{name}.out"),
-                     "stderr": str(tmp_path / f"{name}.err"),
-                     "env": {"LOWLABEL_CACHE": str(tmp_path / "cache")}})
-    rcs = fork_cli(jobs, tmp_path)
-    return {name: {"rc": rc, "stderr": Path(job["stderr"]).read_text(),
-                   "stdout": Path(job["stdout"]).read_text()}
-            for name, rc, job in zip(cases, rcs, jobs, strict=True)}
-
-
 def _one_line_error(r: dict, *names: str) -> None:
     context = f"{r}"
     assert r["rc"] == 2, context
@@ -301,26 +289,29 @@ def _one_line_error(r: dict, *names: str) -> None:
         assert name in lines[0], context
 
 
-def test_an_output_folder_that_cannot_be_written_is_one_line(world, tmp_path):
-    """Tests run as root, so permissions cannot stop a write: the output path goes through a
+def _unwritable_cases(world: World, root: Path) -> dict[str, list[str]]:
+    """Tests run as root, so permissions cannot stop a write: each output path goes through a
     regular file instead, which no user can create a folder under."""
-    blocker = tmp_path / "not-a-folder"
+    blocker = root / "not-a-folder"
     blocker.write_text("a file")
     scan = world.good.parent / "images" / "sub01.nii.gz"
-    tiny = TINY_ARGS
     cases = {
-        "train": ["train", "--data", str(world.good), "--out", str(blocker / "runs"), *tiny],
+        "train": ["train", "--data", str(world.good), "--out", str(blocker / "runs"), *TINY_ARGS],
         "export": ["export", str(world.run), "--out", str(blocker / "bundle")],
     }
     if world.bundle is not None:
         cases["segment"] = ["segment", str(world.bundle), str(scan), "--out",
                             str(blocker / "seg"), "--quiet"]
-    commands = {c.name or c.callback.__name__ for c in cli.app.registered_commands}
-    if "pretrain" in commands:
+    if "pretrain" in COMMANDS:
         cases["pretrain"] = ["pretrain", "--data", str(world.good), "--out",
-                             str(blocker / "runs"), "--quiet", *tiny]
-    results = _fork(world, cases, tmp_path)
-    for r in results.values():
+                             str(blocker / "runs"), "--quiet", *TINY_ARGS]
+    return cases
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line(forked):
+    blocker = forked["root"] / "unwritable" / "not-a-folder"
+    assert set(forked["unwritable"]) >= {"train", "export"}
+    for r in forked["unwritable"].values():
         _one_line_error(r, str(blocker))
     assert blocker.read_text() == "a file"
 
@@ -371,47 +362,92 @@ def test_checkpoint_loading_refuses_pickles(tmp_path, fmt):
     assert not marker.exists()
 
 
-def test_planted_pickles_are_refused_by_every_command(world, tmp_path):
+def _pickle_cases(world: World, root: Path) -> dict[str, list[str]]:
+    """Plant a malicious pickle wherever a command expects a checkpoint."""
     import shutil
 
-    marker = tmp_path / "pwned"
+    marker = root / "pwned"
     scan = world.good.parent / "images" / "sub01.nii.gz"
-    evil_run = tmp_path / "evil-run"  # interrupted run: --resume loads last.safetensors
+    evil_run = root / "evil-run"
     shutil.copytree(world.run, evil_run)
-    (evil_run / "result.json").unlink()
+    (evil_run / "result.json").unlink()  # unfinished: --resume loads last.safetensors
     (evil_run / "last.safetensors").write_bytes(malicious(marker, "2"))
     (evil_run / "best.safetensors").write_bytes(malicious(marker, "4"))
-    evil_file = tmp_path / "pretrained.safetensors"
+    evil_file = root / "pretrained.safetensors"
     evil_file.write_bytes(malicious(marker, "torch"))
-    evil_pretrain = tmp_path / "evil-pretrain"
+    evil_pretrain = root / "evil-pretrain"
     evil_pretrain.mkdir()
     (evil_pretrain / "checkpoint-5.safetensors").write_bytes(malicious(marker, "0"))
-
     # --resume of the same config elsewhere finds a copy of the run folder with the planted file
     cfg = load_config(evil_run / "config.yaml")
-    resume_args = ["train", "--quiet", "--config", str(evil_run / "config.yaml"),
-                   "--set", f"out={tmp_path / 'resumed'}", "--resume"]
-    shutil.copytree(evil_run, run_dir(cfg.replace(out=str(tmp_path / "resumed"))))
-    train = ["train", "--quiet", "--data", str(world.good), "--out", str(tmp_path / "runs"),
+    shutil.copytree(evil_run, run_dir(cfg.replace(out=str(root / "resumed"))))
+    train = ["train", "--quiet", "--data", str(world.good), "--out", str(root / "runs"),
              *TINY_ARGS]
     cases = {
-        "train-resume": resume_args,
+        "train --resume": ["train", "--quiet", "--config", str(evil_run / "config.yaml"),
+                           "--set", f"out={root / 'resumed'}", "--resume"],
         "evaluate": ["evaluate", str(evil_run), "--quiet"],
-        "export": ["export", str(evil_run), "--out", str(tmp_path / "bundle")],
-        "init-from-file": [*train, "--init-from", str(evil_file), "--set", "name=t1"],
-        "init-from-folder": [*train, "--init-from", str(evil_pretrain), "--set", "name=t2"],
+        "export": ["export", str(evil_run), "--out", str(root / "bundle")],
+        "train --init-from file": [*train, "--init-from", str(evil_file), "--set", "name=t1"],
+        "train --init-from folder": [*train, "--init-from", str(evil_pretrain),
+                                     "--set", "name=t2"],
     }
     if world.bundle is not None:
-        evil_bundle = tmp_path / "evil-bundle"
+        evil_bundle = root / "evil-bundle"
         shutil.copytree(world.bundle, evil_bundle)
         (evil_bundle / "model.safetensors").write_bytes(malicious(marker, "5"))
-        cases["segment"] = ["segment", str(evil_bundle), str(scan), "--out",
-                            str(tmp_path / "seg"), "--quiet"]
-    results = _fork(world, cases, tmp_path)
-    for r in results.values():
+        cases["segment"] = ["segment", str(evil_bundle), str(scan), "--out", str(root / "seg"),
+                            "--quiet"]
+    if "pretrain" in COMMANDS:
+        args = ["--data", str(world.good), "--out", str(root / "pre"), *TINY_ARGS]
+        pre_cfg = load_config(None, {"data.dataset": str(world.good), "out": str(root / "pre"),
+                                     **cli_sets(TINY_ARGS)})
+        folder = run_dir(pre_cfg)
+        folder.mkdir(parents=True)
+        (folder / "last.safetensors").write_bytes(malicious(marker, "5"))
+        cases["pretrain --resume"] = ["pretrain", "--quiet", *args, "--resume"]
+    return cases
+
+
+def cli_sets(args: list[str]) -> dict:
+    from lowlabel.config import parse_set
+
+    return parse_set([a for a in args if a != "--set"])
+
+
+def test_planted_pickles_are_refused_by_every_command(forked):
+    root = forked["root"] / "pickles"
+    assert len(forked["pickles"]) >= 5
+    for name, r in forked["pickles"].items():
         _one_line_error(r, "safetensors")
-    assert not marker.exists()
-    assert not (tmp_path / "bundle").exists() and not (tmp_path / "seg").exists()
+        assert "pickle" in r["stderr"] or "not a readable safetensors" in r["stderr"], name
+    assert not (root / "pwned").exists()
+    assert not (root / "bundle").exists() and not (root / "seg").exists()
+
+
+@pytest.fixture(scope="module")
+def forked(world, tmp_path_factory) -> dict:
+    """The command-line cases of this file, run in one batch of forked processes."""
+    root = tmp_path_factory.mktemp("forked")
+    groups = {}
+    for group, make in (("unwritable", _unwritable_cases), ("pickles", _pickle_cases)):
+        (root / group).mkdir()
+        groups[group] = make(world, root / group)
+    jobs, keys = [], []
+    for group, cases in groups.items():
+        for name, argv in cases.items():
+            tag = f"{group}-{name}".replace(" ", "_")
+            jobs.append({"argv": argv, "cwd": str(root / group),
+                         "stdout": str(root / f"{tag}.out"), "stderr": str(root / f"{tag}.err"),
+                         "env": {"LOWLABEL_CACHE": str(root / "cache")}})
+            keys.append((group, name))
+    rcs = fork_cli(jobs, root)
+    out: dict = {"root": root, **{g: {} for g in groups}}
+    for (group, name), rc, job in zip(keys, rcs, jobs, strict=True):
+        out[group][name] = {"rc": rc, "argv": job["argv"],
+                            "stderr": Path(job["stderr"]).read_text(),
+                            "stdout": Path(job["stdout"]).read_text()}
+    return out
 
 
 def test_no_source_file_can_unpickle():
