@@ -21,6 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import nibabel as nib
 import pytest
 import torch
 from conftest import make_tiny_dataset, tiny_overrides
@@ -161,6 +162,25 @@ def test_pretrain_killed_at_a_random_step_resumes_to_identical_weights(killed_ru
     for key in ("steps", "train_loss", "val_mse", "val_mae"):
         assert result[key] == expected[key], key
     assert not list(out.glob(".*tmp*")), "a temporary file was left behind"
+
+
+def test_segmentation_is_deterministic(world, tmp_path):
+    if world.bundle is None:
+        pytest.skip("no 'lowlabel segment' command yet")
+    from lowlabel.segment import segment
+
+    scans = [world.good.parent / "images" / f"sub0{i}.nii.gz" for i in (1, 2)]
+    a = segment(world.bundle, scans, tmp_path / "a", probabilities=True, progress=False, threads=1)
+    b = segment(world.bundle, scans, tmp_path / "b", probabilities=True, progress=False, threads=1)
+    assert a.errors == b.errors == [] and a.rows == b.rows
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir()) and len(names) >= 3
+    for name in names:
+        if name.endswith(".nii.gz"):  # compare voxels: gzip headers carry a time stamp
+            va, vb = (nib.load(str(tmp_path / d / name)) for d in ("a", "b"))
+            assert (va.get_fdata() == vb.get_fdata()).all() and (va.affine == vb.affine).all()
+        else:
+            assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
 # --- atomic writes -------------------------------------------------------------------------------
