@@ -188,6 +188,10 @@ def _bad(tmp_path, kind):
         write(tmp_path / "s_img.nii.gz", np.where(label == 1, np.nan, image).astype(np.float32),
               affine)
         return s, img_path, "NaN"
+    if kind == "inf":
+        write(tmp_path / "s_img.nii.gz", np.where(label == 3, np.inf, image).astype(np.float32),
+              affine)
+        return s, img_path, "Inf"
     if kind == "shape":
         write(tmp_path / "s_lab.nii.gz", label[:-2], affine)
         return s, lab_path, "shape"
@@ -206,7 +210,7 @@ def _bad(tmp_path, kind):
     raise AssertionError(kind)
 
 
-BAD = ["missing", "corrupt", "truncated", "truncated_raw", "4d", "nan", "shape", "affine",
+BAD = ["missing", "corrupt", "truncated", "truncated_raw", "4d", "nan", "inf", "shape", "affine",
        "scheme", "empty", "fractional"]
 
 
