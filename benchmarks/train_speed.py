@@ -402,8 +402,10 @@ def main() -> None:
     begin = time.perf_counter()
     if "compute" not in args.skip:
         print("compute levers ...", file=sys.stderr, flush=True)
+        # a fresh inductor cache, so the compile lever's first step pays the whole compile
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="inductor-"))
         out = subprocess.run([sys.executable, __file__, "--compute", json.dumps(to_dict(cfg))],
-                             check=True, capture_output=True, text=True).stdout
+                             check=True, capture_output=True, text=True, env=env).stdout
         result.update(json.loads(out.strip().splitlines()[-1]))
     print("side by side ...", file=sys.stderr, flush=True)
     paths = side_by_side(cfg, args.steps, args.chunk, args.target)
