@@ -197,7 +197,8 @@ def validate(model: nn.Module, items: list[dict], cfg: RunConfig) -> dict:
     metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=False)
     for item in items:
         pred = predict_logits(model, item["image"], cfg).argmax(0)
-        metric(one_hot(pred[None, None], 4), one_hot(torch.as_tensor(item["label"])[None].long(), 4))
+        truth = torch.as_tensor(item["label"])[None].long()
+        metric(one_hot(pred[None, None], 4), one_hot(truth, 4))
     per_class = metric.aggregate().tolist()
     return {"val_dice": float(np.mean(per_class)), "val_dice_csf": per_class[0],
             "val_dice_gm": per_class[1], "val_dice_wm": per_class[2]}
@@ -321,7 +322,8 @@ def fit(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
             setup.train_mode(model, state["step"], optimizer)
         else:
             model.train()
-        set_learning_rate(optimizer, cfg, state["step"])
+        set_learning_rate(optimizer, cfg, state["step"],
+                          state["train_seconds"] + time.perf_counter() - tick)
         state["losses"].append(train_step(net, optimizer, loss_fn, image, label, cfg.train.bf16))
         timing["steps"] += time.perf_counter() - ready
         timing["n"] += 1
@@ -376,9 +378,17 @@ def fit(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
     return result
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, cfg: RunConfig, step: int) -> None:
-    """Learning rate as a pure function of the step, so a resumed run continues the schedule."""
-    factor = (1.0 - step / cfg.train.steps) ** 0.9 if cfg.train.schedule == "poly" else 1.0
+def set_learning_rate(optimizer: torch.optim.Optimizer, cfg: RunConfig, step: int,
+                      seconds: float = 0.0) -> None:
+    """Learning rate as a pure function of the step, so a resumed run continues the schedule.
+
+    Under a wall-clock budget (``train.max_minutes``) the poly decay follows whichever runs out
+    first, steps or time, so a budgeted run still ends at a small learning rate.
+    """
+    done = step / cfg.train.steps
+    if cfg.train.max_minutes:
+        done = max(done, seconds / (60.0 * cfg.train.max_minutes))
+    factor = (1.0 - min(done, 1.0)) ** 0.9 if cfg.train.schedule == "poly" else 1.0
     for group in optimizer.param_groups:
         group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
 
