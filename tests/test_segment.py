@@ -142,6 +142,11 @@ def test_output_grid_equals_input_grid(bundle, tmp_path, case):
     seg = seg_of(tmp_path / "out", case)
     assert_same_grid(seg, nib.load(str(path)))
     assert seg.get_data_dtype() == np.uint8
+    # readable like any file the user writes (not private to the writer, as temp files are)
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = (tmp_path / "out" / f"{case}_seg.nii.gz").stat().st_mode & 0o777
+    assert mode == 0o666 & ~umask
 
 
 def test_volumes_are_voxel_counts_times_voxel_volume(bundle, tmp_path, monkeypatch, capsys):

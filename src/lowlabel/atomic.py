@@ -13,6 +13,9 @@ from typing import Any
 
 from lowlabel.errors import LowlabelError
 
+_UMASK = os.umask(0o022)  # reading the umask means setting it: put it straight back
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -26,6 +29,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp" + suffix)
+        # mkstemp makes the file private (0600); a result gets the mode a plain open() would give
+        os.fchmod(fd, 0o666 & ~_UMASK)
         os.close(fd)
     except OSError as err:
         raise _write_error(path, err) from None
