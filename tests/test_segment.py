@@ -363,3 +363,14 @@ def test_the_real_command_prints_one_line_for_a_garbage_nifti(trained, tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith(f"error: {garbage}: cannot read NIfTI (corrupt")
+
+
+def test_two_scans_with_one_name_do_not_overwrite_each_other(bundle, tmp_path):
+    from lowlabel.segment import segment
+
+    image, _ = phantom((28, 28, 28), seed=51)
+    first = write(tmp_path / "site1" / "t1.nii.gz", image, np.eye(4))
+    second = write(tmp_path / "site2" / "t1.nii", image[::-1].copy(), np.eye(4))
+    result = segment(bundle, [first, second], tmp_path / "out", progress=False)
+    assert [r["scan"] for r in result.rows] == [str(first)]
+    assert len(result.errors) == 1 and result.errors[0].startswith(f"{second}: same name as")
