@@ -89,6 +89,8 @@ def _kill_and_resume(command: str, overrides: dict, log: Path) -> dict:
     killed = {"rc": rc, "target": target, "seen_step": step,
               "finished_before_resume": (folder / "result.json").exists(),
               "last_step": checkpoint.read_meta(folder / "last.safetensors")["state"]["step"]}
+    # a kill in the middle of a checkpoint write leaves its temporary file: make sure of one
+    (folder / ".last.killed.tmp.safetensors").write_bytes(b"\0" * 64)
     with open(log, "a") as fh:
         resumed = subprocess.run([*argv, "--resume"], stdout=fh, stderr=fh, env=env, timeout=300)
     return {"folder": folder, "killed": killed, "resume_rc": resumed.returncode,

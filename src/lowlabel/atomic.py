@@ -46,6 +46,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def remove_temporaries(folder: str | Path) -> int:
+    """Delete the temporary files a process killed mid-write left in ``folder`` (the files they
+    were meant to replace are intact); returns how many. Only for a folder one process owns."""
+    stale = list(Path(folder).glob(".*.tmp*"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
 def _write_error(path: Path, err: OSError) -> LowlabelError:
     if err.errno == errno.ENOSPC:
         return LowlabelError(f"{path}: disk full while writing; free space and rerun with --resume")

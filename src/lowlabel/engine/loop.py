@@ -24,7 +24,7 @@ from monai.transforms import Compose
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowlabel.atomic import append_line, write_json, write_text
+from lowlabel.atomic import append_line, remove_temporaries, write_json, write_text
 from lowlabel.config import RunConfig, dump_yaml, run_dir, to_dict
 from lowlabel.data.datasets import Dataset, check_pair, load_dataset
 from lowlabel.data.demo import demo_dataset
@@ -234,6 +234,7 @@ def prepare_run_dir(cfg: RunConfig, resume: bool) -> tuple[Path, RunResult | Non
             "or --set name=... for a new run"
         )
     path.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(path)
     return path, None
 
 

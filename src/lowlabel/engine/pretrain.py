@@ -22,7 +22,7 @@ from monai.transforms import Compose, RandFlipd, RandSpatialCropd, SqueezeDimd
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowlabel.atomic import append_line, write_json, write_text
+from lowlabel.atomic import append_line, remove_temporaries, write_json, write_text
 from lowlabel.config import RunConfig, dump_yaml, run_dir, to_dict
 from lowlabel.data.transforms import patch_shape, preprocess
 from lowlabel.engine import checkpoint
@@ -180,6 +180,7 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> 
     if cfg.pretrain.steps < 1:
         raise LowlabelError("config key 'pretrain.steps': must be >= 1")
     out.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(out)
     set_threads(cfg.train.threads)
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
