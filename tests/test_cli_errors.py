@@ -348,6 +348,14 @@ def test_a_plain_process_gives_the_same_result(results, case):
     assert plain["stderr"].replace("-real/", "/") == forked["stderr"]
 
 
+def test_the_bad_test_scan_is_in_the_test_set():
+    """The ``bad_test_scan`` case proves a test scan is checked before training only while
+    sub02 is the test subject of these settings."""
+    from lowlabel.data.splits import make_splits
+
+    assert make_splits([f"sub{i:02d}" for i in range(5)], 1, 1, 0)["test"] == ["sub02"]
+
+
 def test_shared_inputs_are_never_modified(results):
     assert results["shared_unchanged"]
 
