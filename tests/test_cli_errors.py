@@ -38,9 +38,9 @@ TINY = ["--set", "data.n_test=1", "--set", "data.n_val=1", "--set", "data.patch_
 MAY_KEEP = {"config.yaml", "splits.json", "pool.json"}
 
 # the defects of issue 2, each put into subject sub00 of an otherwise good dataset
-FILE_DEFECTS = ["missing", "corrupt", "truncated", "wrong_shape", "wrong_affine", "nan",
-                "empty_label", "out_of_scheme"]
-IMAGE_DEFECTS = ["missing", "corrupt", "truncated", "nan"]  # for commands that read no labels
+FILE_DEFECTS = ["missing_dataset", "missing", "corrupt", "truncated", "wrong_shape",
+                "wrong_affine", "nan", "empty_label", "out_of_scheme"]
+IMAGE_DEFECTS = ["missing_dataset", "missing", "corrupt", "truncated", "nan"]  # no labels read
 
 
 def _defect(root: Path, kind: str) -> tuple[Path, str]:
@@ -80,6 +80,8 @@ def _defect(root: Path, kind: str) -> tuple[Path, str]:
         scan = root / "images" / "sub02.nii.gz"
         scan.write_bytes(scan.read_bytes()[:1500])
         return index, str(scan)
+    if kind == "missing_dataset":
+        return root / "nosuch" / "dataset.json", str(root / "nosuch" / "dataset.json")
     if kind == "too_small":  # every scan 6 voxels across: a 4-level network needs 8
         shutil.rmtree(root)
         return make_tiny_dataset(root, n=5, shape=(6, 6, 6)), str(root / "images")
@@ -98,7 +100,7 @@ def _cases() -> list[tuple[str, str]]:
     cases += [("evaluate", k) for k in FILE_DEFECTS + ["wrong_model", "damaged_checkpoint"]]
     cases += [("pretrain", k) for k in IMAGE_DEFECTS + ["too_small", "bad_key", "bad_type",
                                                         "impossible_budget"]]
-    cases += [("segment", k) for k in IMAGE_DEFECTS + ["too_small", "wrong_model"]]
+    cases += [("segment", k) for k in IMAGE_DEFECTS[1:] + ["too_small", "wrong_model"]]
     cases += [("export", "wrong_model"), ("export", "damaged_checkpoint")]
     cases += [("study", k) for k in ("missing", "bad_key", "bad_type", "impossible_budget")]
     cases += [("report", "wrong_model")]
@@ -134,7 +136,7 @@ class World:
         """The command line for one case, and the file or key the error must name."""
         out = work / "out"
         data = named = None
-        if kind in FILE_DEFECTS or kind in ("too_small", "bad_test_scan"):
+        if kind in FILE_DEFECTS or kind in ("too_small", "bad_test_scan", "missing_dataset"):
             data, named = _defect(work / "data", kind)
         if kind in ("bad_key", "bad_type"):
             key, value = ("train.stepz", "3") if kind == "bad_key" else ("train.steps", "many")
