@@ -247,3 +247,31 @@ def test_resume_of_a_finished_run_reuses_it(reference, monkeypatch):
     assert (Path(result.run_dir) / "best.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(LowlabelError, match="exists"):
         fit(cfg, progress=False)
+
+
+def test_a_run_that_stopped_early_and_crashed_in_evaluation_resumes_without_training(
+        dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "validate", ScriptedValidation([0.2, 0.5, 0.4, 0.45, 0.9, 0.9]))
+
+    def crash(*args):
+        raise RuntimeError("killed during evaluation")
+
+    monkeypatch.setattr(loop, "evaluate_model", crash)
+    cfg = _cfg(dataset, tmp_path, **{"train.steps": 6, "train.val_every": 1, "train.patience": 2})
+    with pytest.raises(RuntimeError, match="during evaluation"):
+        fit(cfg, progress=False)
+    never = ScriptedValidation([])  # any further training step would validate and fail here
+    monkeypatch.setattr(loop, "validate", never)
+    evaluated = {}
+
+    def fake_evaluate(model, cfg, subjects, out, progress):
+        evaluated.update({k: v.clone() for k, v in model.state_dict().items()})
+        return {"summary": {"mean_dice": 0.5}}
+
+    monkeypatch.setattr(loop, "evaluate_model", fake_evaluate)
+    result = fit(cfg, resume=True, progress=False)
+    assert never.seen == []
+    assert (result.steps, result.best_step, result.stopped_early) == (4, 2, True)
+    assert result.test == {"mean_dice": 0.5}
+    best = checkpoint.split(load_file(str(Path(result.run_dir) / "best.safetensors")), "model")
+    assert all(torch.equal(best[k], v) for k, v in evaluated.items())
