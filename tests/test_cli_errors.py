@@ -97,11 +97,12 @@ def _cases() -> list[tuple[str, str]]:
     cases += [("train", k) for k in FILE_DEFECTS + ["bad_test_scan", "too_small", "bad_key",
                                                      "bad_type", "impossible_budget",
                                                      "wrong_model"]]
-    cases += [("evaluate", k) for k in FILE_DEFECTS + ["wrong_model", "damaged_checkpoint"]]
+    cases += [("evaluate", k) for k in FILE_DEFECTS + ["wrong_model", "damaged_checkpoint",
+                                                        "damaged_splits", "damaged_config"]]
     cases += [("pretrain", k) for k in IMAGE_DEFECTS + ["too_small", "bad_key", "bad_type",
                                                         "impossible_budget"]]
     cases += [("segment", k) for k in IMAGE_DEFECTS[1:] + ["too_small", "wrong_model"]]
-    cases += [("export", "wrong_model"), ("export", "damaged_checkpoint")]
+    cases += [("export", k) for k in ("wrong_model", "damaged_checkpoint", "damaged_config")]
     cases += [("study", k) for k in ("missing", "bad_key", "bad_type", "impossible_budget")]
     cases += [("report", "wrong_model")]
     return [c for c in cases if c[0].split()[0] in COMMANDS]
@@ -131,6 +132,12 @@ class World:
         shutil.copytree(self.run, self.damaged)
         weights = self.damaged / "best.safetensors"
         weights.write_bytes(weights.read_bytes()[:300])
+        self.no_splits = root / "run-without-splits"  # copied without its splits.json
+        shutil.copytree(self.run, self.no_splits)
+        (self.no_splits / "splits.json").unlink()
+        self.bad_config = root / "run-with-bad-config"  # config.yaml edited by hand, wrongly
+        shutil.copytree(self.run, self.bad_config)
+        (self.bad_config / "config.yaml").write_text("train:\n  stepz: 3\n")
 
     def argv(self, command: str, kind: str, work: Path) -> tuple[list[str], str]:
         """The command line for one case, and the file or key the error must name."""
@@ -164,6 +171,12 @@ class World:
                 return ["evaluate", str(self.good.parent), "--quiet"], str(self.good.parent)
             if kind == "damaged_checkpoint":
                 return ["evaluate", str(self.damaged), "--quiet"], "best.safetensors"
+            if kind == "damaged_splits":
+                return ["evaluate", str(self.no_splits), "--quiet"], \
+                    str(self.no_splits / "splits.json")
+            if kind == "damaged_config":
+                return ["evaluate", str(self.bad_config), "--quiet"], \
+                    str(self.bad_config / "config.yaml")
             return ["evaluate", str(self.run), "--data", str(data), "--quiet"], named
         if command == "segment":
             if kind == "wrong_model":
@@ -174,6 +187,9 @@ class World:
             return ["segment", str(self.bundle), str(scan), "--out", str(out), "--quiet"], \
                 str(scan)
         if command == "export":
+            if kind == "damaged_config":
+                return ["export", str(self.bad_config), "--out", str(out)], \
+                    str(self.bad_config / "config.yaml")
             source = self.good.parent if kind == "wrong_model" else self.damaged
             return ["export", str(source), "--out", str(out)], \
                 str(source) if kind == "wrong_model" else "best.safetensors"

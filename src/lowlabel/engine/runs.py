@@ -31,6 +31,8 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, nn.Module]:
         cfg = from_dict(yaml.safe_load(cfg_path.read_text()))
     except yaml.YAMLError:
         raise LowlabelError(f"{cfg_path}: not valid YAML; the run folder is damaged") from None
+    except LowlabelError as err:  # name the file the bad key is in
+        raise LowlabelError(f"{cfg_path}: {err}") from None
     tensors, _ = checkpoint.load(weights)
     model = build_model(cfg.model, cfg.data.spatial_dims)
     try:
@@ -51,9 +53,20 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, progress: bool = 
     cfg, model = load_run(run_dir)
     set_threads(cfg.train.threads)
     if data is None:
-        split = json.loads((run_dir / "splits.json").read_text())
-        ds = load_dataset(split["source"])
-        subjects, out = ds.by_id(split["test"]), run_dir
+        split_path = run_dir / "splits.json"
+        try:
+            split = json.loads(split_path.read_text())
+            source, test = split["source"], list(split["test"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise LowlabelError(
+                f"{split_path}: missing or damaged; evaluate with --data DATASET instead"
+            ) from None
+        ds = load_dataset(source)
+        gone = sorted(set(test) - set(ds.ids))
+        if gone:
+            raise LowlabelError(f"{source}: test subjects {gone[:5]} of {split_path} are no "
+                                "longer in the dataset; evaluate with --data DATASET instead")
+        subjects, out = ds.by_id(test), run_dir
     else:
         ds = load_dataset(data)
         subjects, out = ds.subjects, None
