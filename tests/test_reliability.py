@@ -81,7 +81,7 @@ def _kill_and_resume(command: str, overrides: dict, log: Path) -> dict:
             except (LowlabelError, KeyError):
                 step = 0
             if step >= target:
-                time.sleep(random.uniform(0.0, 0.05))
+                time.sleep(random.uniform(0.0, 0.03))
                 proc.send_signal(signal.SIGKILL)
                 break
             time.sleep(0.01)
