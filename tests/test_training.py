@@ -275,3 +275,11 @@ def test_a_run_that_stopped_early_and_crashed_in_evaluation_resumes_without_trai
     assert result.test == {"mean_dice": 0.5}
     best = checkpoint.split(load_file(str(Path(result.run_dir) / "best.safetensors")), "model")
     assert all(torch.equal(best[k], v) for k, v in evaluated.items())
+
+
+def test_2d_runs_are_deterministic_too(dataset, tmp_path):
+    extra = {"data.spatial_dims": 2, "data.patch_size": [16, 16], "train.steps": 4}
+    a = fit(_cfg(dataset, tmp_path / "a", **extra), progress=False)
+    b = fit(_cfg(dataset, tmp_path / "b", **extra), progress=False)
+    assert_same_run(Path(a.run_dir), Path(b.run_dir))
+    assert len(metric_rows(Path(a.run_dir))) == 2 and a.test["n"] == 2
