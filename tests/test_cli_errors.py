@@ -104,7 +104,7 @@ def _cases() -> list[tuple[str, str]]:
     cases += [("segment", k) for k in IMAGE_DEFECTS[1:] + ["too_small", "wrong_model"]]
     cases += [("export", k) for k in ("wrong_model", "damaged_checkpoint", "damaged_config")]
     cases += [("study", k) for k in ("missing", "bad_key", "bad_type", "impossible_budget")]
-    cases += [("report", "wrong_model")]
+    cases += [("report", "wrong_model"), ("data demo", "impossible_budget")]
     return [c for c in cases if c[0].split()[0] in COMMANDS]
 
 
@@ -152,6 +152,8 @@ class World:
             sets = []
         if command == "data check":
             return ["data", "check", str(data or self.good), *sets], named
+        if command == "data demo":  # too few subjects for a train/validation/test split
+            return ["data", "demo", str(out), "--subjects", "2"], "--subjects"
         if command in ("train", "pretrain"):
             argv = [command, "--data", str(data or self.good), "--out", str(out), "--quiet", *TINY]
             if command == "pretrain":
