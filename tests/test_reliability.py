@@ -107,9 +107,7 @@ def killed_runs(dataset, tmp_path_factory) -> dict:
     """Both kill-and-resume runs, side by side (each process spends seconds on imports)."""
     root = tmp_path_factory.mktemp("killed")
     jobs = {"train": {**tiny_overrides(dataset, root / "train"), **TRAIN}}
-    from lowlabel.cli import app
-
-    if "pretrain" in {c.name or c.callback.__name__ for c in app.registered_commands}:
+    if "pretrain" in COMMANDS:
         jobs["pretrain"] = {**tiny_overrides(dataset, root / "pretrain"), **PRETRAIN}
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {name: pool.submit(_kill_and_resume, name, o, root / f"{name}.log")
