@@ -89,7 +89,10 @@ def load_runs(study_dir: Path) -> tuple[dict, list[Run]]:
     except json.JSONDecodeError:
         raise LowlabelError(f"{plan_path}: damaged; rerun 'lowlabel study' to rewrite it") from None
     runs, seen = [], set()
+    by_key = {c["key"]: c for c in plan["cells"]}
     for cell in plan["cells"]:
+        if not cell.get("run_dir") and cell.get("needs"):
+            cell = _resolved(cell, by_key.get(cell.get("pretrain_key")))
         folder = Path(cell["run_dir"]) if cell.get("run_dir") else None
         if folder is not None and not folder.is_absolute() and not folder.exists():
             folder = study_dir / "runs" / folder.name  # a moved study folder
@@ -107,6 +110,26 @@ def load_runs(study_dir: Path) -> tuple[dict, list[Run]]:
         runs.append(Run(cell["key"], cell["kind"], cell["seed"], cell["labels"], folder, result,
                         metrics, cell["config"]))
     return plan, runs
+
+
+def _resolved(cell: dict, pre: dict | None) -> dict:
+    """A transfer cell whose plan entry predates its pretraining run's end (an interrupted study):
+    its folder follows from the checkpoint that run kept."""
+    from lowlabel.config import from_dict, run_dir
+
+    result = Path(pre["run_dir"]) / "result.json" if pre and pre.get("run_dir") else None
+    if result is None or not result.exists():
+        return cell
+    try:
+        checkpoints = json.loads(result.read_text()).get("checkpoints") or {}
+    except json.JSONDecodeError:
+        return cell
+    path = checkpoints.get(str(cell["needs"][1]))
+    if path is None:
+        return cell
+    config = json.loads(json.dumps(cell["config"]))
+    config["transfer"]["init_from"] = str(path)
+    return {**cell, "config": config, "run_dir": str(run_dir(from_dict(config)))}
 
 
 # ---------------------------------------------------------------------------------------------

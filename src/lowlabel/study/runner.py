@@ -246,10 +246,15 @@ def run_study(study: Study | str | Path, profile: str = "quick", data: str | Non
         if pre is None:
             return False
         try:
-            return resolve(cell, pre.get("checkpoints") or {})
+            state = resolve(cell, pre.get("checkpoints") or {})
         except LowlabelError as err:
             failed[cell.key] = str(err)
             return None
+        if by_key[cell.key] is cell:  # first resolution: keep the plan current, so that the
+            by_key[cell.key] = state   # report of an interrupted study finds this run
+            write_text(study_dir / "plan.json",
+                       plan_json(study, profile, [by_key[c.key] for c in cells]))
+        return state
 
     running: dict[cf.Future, Cell] = {}
     try:
