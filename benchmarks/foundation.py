@@ -37,7 +37,6 @@ SETTINGS = {
     "model.num_res_units": 0,
     "train.batch_size": 2,
     "train.lr": 0.001,
-    "train.steps": 3000,
     "train.val_every": 250,
     "train.patience": 6,
 }
@@ -51,22 +50,24 @@ ARMS = {"low": {"data.budget": 3}, "full": {"data.budget": 0},
         "low_noaug": {"data.budget": 3, "augment.enabled": False}}
 
 
-def arm_settings(name: str, minutes: float, threads: int) -> dict:
-    return dict(SETTINGS, **ARMS[name], **{"name": name, "train.threads": threads,
-                                           "train.max_minutes": minutes})
+def arm_settings(name: str, args: argparse.Namespace) -> dict:
+    return dict(SETTINGS, **ARMS[name], **{"name": name, "train.threads": args.threads,
+                                           "train.max_minutes": args.minutes,
+                                           "train.steps": args.steps})
 
 
-def launch(name: str, data: Path, out: Path, minutes: float, threads: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "lowlabel.cli", "train", "--data", str(data), "--out", str(out),
+def launch(name: str, args: argparse.Namespace) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "lowlabel.cli", "train", "--data", str(args.data), "--out",
+           str(args.out),
            "--resume", "--quiet"]
-    for key, value in arm_settings(name, minutes, threads).items():
+    for key, value in arm_settings(name, args).items():
         cmd += ["--set", f"{key}={json.dumps(value)}"]
     return subprocess.Popen(cmd)
 
 
-def collect(name: str, data: Path, out: Path, minutes: float, threads: int) -> dict:
-    sets = arm_settings(name, minutes, threads)
-    cfg = load_config(None, dict(sets, **{"data.dataset": str(data), "out": str(out)}))
+def collect(name: str, args: argparse.Namespace) -> dict:
+    sets = arm_settings(name, args)
+    cfg = load_config(None, dict(sets, **{"data.dataset": str(args.data), "out": str(args.out)}))
     folder = run_dir(cfg)
     result = json.loads((folder / "result.json").read_text())
     test = result["test"]
@@ -95,6 +96,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "work" / "foundation")
     parser.add_argument("--minutes", type=float, default=20.0)
+    parser.add_argument("--steps", type=int, default=6000,
+                        help="step budget; the time budget usually ends training first")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per arm")
     parser.add_argument("--arms", default="low,full", help="comma-separated: low, full, low_noaug")
     parser.add_argument("--results", type=Path,
@@ -112,18 +115,19 @@ def main() -> None:
         "settings": SETTINGS,
         "minutes_budget": args.minutes,
         "threads": args.threads,
+        "steps_budget": args.steps,
     })
     names = args.arms.split(",")
     # The arms run side by side, one process per arm with `--threads` torch threads each
     # (on 2 cores, 2 processes x 1 thread beat 1 x 2), each within the same training budget.
     load_before = load_average()
-    procs = {name: launch(name, args.data, args.out, args.minutes, args.threads) for name in names}
+    procs = {name: launch(name, args) for name in names}
     for name, proc in procs.items():
         if proc.wait() != 0:
             sys.exit(f"arm {name} failed with status {proc.returncode}")
     load_after = load_average()
     for name in names:
-        results[name] = collect(name, args.data, args.out, args.minutes, args.threads)
+        results[name] = collect(name, args)
         # other jobs shared the machine when the load average exceeds the core count
         results[name]["load_average_before_after"] = [load_before, load_after]
         print(name, json.dumps(results[name]))
