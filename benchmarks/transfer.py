@@ -167,6 +167,8 @@ def main() -> None:
     ap.add_argument("--pretrain-batch", type=int, default=4)
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (1 thread each)")
     ap.add_argument("--result", default=str(RESULT))
+    ap.add_argument("--first", nargs="*", default=[], metavar="METHOD:MODE",
+                    help="run these arms (and scratch) for every seed before the others")
     ap.add_argument("--collect", action="store_true",
                     help="start nothing: summarise the runs that finished")
     args = ap.parse_args()
@@ -211,6 +213,7 @@ def main() -> None:
                         "data.draw": seed, "data.budget": b, "transfer.mode": mode}
                 jobs.append((seed, b, method, mode, flat))
     jobs.sort(key=lambda j: j[3] != "scratch" and j[2] not in ready)
+    jobs.sort(key=lambda j: j[3] != "scratch" and f"{j[2]}:{j[3]}" not in args.first)
 
     rows: list[dict] = []
     lock = threading.Lock()
