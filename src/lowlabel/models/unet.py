@@ -1,7 +1,8 @@
 """The segmentation network, built from config.
 
-MONAI's ``UNet`` nests each level inside the previous one; :func:`encoder_levels` names the
-encoder block of every level so transfer can map levels explicitly instead of by key string.
+MONAI's ``UNet`` nests each level inside the previous one;
+:func:`lowlabel.models.transfer.encoder_blocks` names the encoder block of every level so transfer
+can map levels explicitly instead of by key string.
 """
 
 from __future__ import annotations
