@@ -81,3 +81,16 @@ def append_line(path: str | Path, line: str) -> None:
             os.fsync(fh.fileno())
     except OSError as err:
         raise _write_error(Path(path), err) from None
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The rows of a JSON-lines file; a torn last line (from a killed writer) is dropped."""
+    rows = []
+    path = Path(path)
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows

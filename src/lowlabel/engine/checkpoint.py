@@ -94,3 +94,23 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Te
         pid, key = name.split(".", 1)
         state.setdefault(int(pid), {})[key] = value
     optimizer.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
+
+
+def save_state(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               meta: dict[str, Any]) -> None:
+    """Write a resumable state: model, optimizer and torch RNG, plus ``meta`` (config, loop state)."""
+    opt_tensors, groups = optimizer_tensors(optimizer)
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update(opt_tensors)
+    tensors["rng.torch"] = torch.get_rng_state()
+    save(path, tensors, {**meta, "optimizer": groups})
+
+
+def restore_state(path: str | Path, model: torch.nn.Module,
+                  optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load what :func:`save_state` wrote into ``model`` and ``optimizer``; returns its metadata."""
+    tensors, meta = load(path)
+    model.load_state_dict(split(tensors, "model"))
+    load_optimizer(optimizer, tensors, meta["optimizer"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return meta

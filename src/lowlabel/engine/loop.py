@@ -24,7 +24,7 @@ from monai.transforms import Compose
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowlabel.atomic import append_line, remove_temporaries, write_json, write_text
+from lowlabel.atomic import append_line, read_jsonl, remove_temporaries, write_json, write_text
 from lowlabel.config import RunConfig, dump_yaml, run_dir, to_dict
 from lowlabel.data.datasets import Dataset, check_pair, load_dataset
 from lowlabel.data.demo import demo_dataset
@@ -204,18 +204,10 @@ def validate(model: nn.Module, items: list[dict], cfg: RunConfig) -> dict:
             "val_dice_gm": per_class[1], "val_dice_wm": per_class[2]}
 
 
-def _read_metrics(path: Path, upto: int) -> list[dict]:
-    """Lines of ``metrics.jsonl`` up to step ``upto``; a torn last line is dropped."""
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if row.get("step", 0) <= upto:
-                rows.append(row)
-    return rows
+def truncate_metrics(path: Path, upto: int) -> None:
+    """Keep the lines of ``metrics.jsonl`` up to step ``upto``: those a checkpoint covers."""
+    rows = [r for r in read_jsonl(path) if r.get("step", 0) <= upto]
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def prepare_run_dir(cfg: RunConfig, resume: bool) -> tuple[Path, RunResult | None]:
@@ -291,24 +283,15 @@ def fit(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
     metrics_path = out / "metrics.jsonl"
     last, best = out / "last.safetensors", out / "best.safetensors"
     if resume and last.exists():
-        tensors, meta = checkpoint.load(last)
-        model.load_state_dict(checkpoint.split(tensors, "model"))
-        checkpoint.load_optimizer(optimizer, tensors, meta["optimizer"])
-        torch.set_rng_state(tensors["rng.torch"])
-        state.update(meta["state"])
-        rows = _read_metrics(metrics_path, state["step"])
-        write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        state.update(checkpoint.restore_state(last, model, optimizer)["state"])
+        truncate_metrics(metrics_path, state["step"])
         log.info("resuming %s at step %d", out, state["step"])
     elif metrics_path.exists():
         metrics_path.unlink()
 
     def save_state() -> None:
-        opt_tensors, groups_meta = checkpoint.optimizer_tensors(optimizer)
-        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-        tensors.update(opt_tensors)
-        tensors["rng.torch"] = torch.get_rng_state()
-        checkpoint.save(last, tensors, {"kind": "train", "config": to_dict(cfg), "state": state,
-                                        "optimizer": groups_meta})
+        checkpoint.save_state(last, model, optimizer,
+                              {"kind": "train", "config": to_dict(cfg), "state": state})
 
     steps, val_every = cfg.train.steps, cfg.train.val_every
     net = prepare_model(model, cfg)

@@ -29,12 +29,12 @@ from lowlabel.engine import checkpoint
 from lowlabel.engine.inference import autocast, predict_logits
 from lowlabel.engine.loop import (
     Batches,
-    _read_metrics,
     check_size,
     resolve_dataset,
     resolve_splits,
     seed_everything,
     set_threads,
+    truncate_metrics,
 )
 from lowlabel.errors import LowlabelError, unwrap
 from lowlabel.models.pretrain import build_pretrain_model, corrupt, reconstruction_loss
@@ -181,7 +181,7 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> 
         raise LowlabelError("config key 'pretrain.steps': must be >= 1")
     out.mkdir(parents=True, exist_ok=True)
     remove_temporaries(out)
-    set_threads(cfg.train.threads)
+    set_threads(cfg.train.threads, cfg.train.workers)
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
     pool, val, split = _pool(cfg)
@@ -205,24 +205,15 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> 
                    "val_mse": math.nan, "val_mae": math.nan, "losses": []}
     metrics_path = out / "metrics.jsonl"
     if resume and last.exists():
-        tensors, meta = checkpoint.load(last)
-        model.load_state_dict(checkpoint.split(tensors, "model"))
-        checkpoint.load_optimizer(optimizer, tensors, meta["optimizer"])
-        torch.set_rng_state(tensors["rng.torch"])
-        state.update(meta["state"])
-        rows = _read_metrics(metrics_path, state["step"])
-        write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        state.update(checkpoint.restore_state(last, model, optimizer)["state"])
+        truncate_metrics(metrics_path, state["step"])
         log.info("resuming %s at step %d", out, state["step"])
     elif metrics_path.exists():
         metrics_path.unlink()
 
     def save_state() -> None:
-        opt_tensors, groups_meta = checkpoint.optimizer_tensors(optimizer)
-        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-        tensors.update(opt_tensors)
-        tensors["rng.torch"] = torch.get_rng_state()
-        checkpoint.save(last, tensors, {"kind": "pretrain-state", "config": to_dict(cfg),
-                                        "state": state, "optimizer": groups_meta})
+        checkpoint.save_state(last, model, optimizer,
+                              {"kind": "pretrain-state", "config": to_dict(cfg), "state": state})
 
     def save_checkpoint(step: int) -> None:
         # each checkpoint says which images (and how many patches of each) it was trained on
