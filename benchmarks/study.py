@@ -73,7 +73,13 @@ def run_profile(profile: str, data: str | None, out: Path, jobs: int,
     except psutil.TimeoutExpired:
         # out of time: interrupt the study like Ctrl-C; what finished stays finished
         os.killpg(proc.pid, signal.SIGINT)
-        rc = proc.wait()
+        try:
+            rc = proc.wait(timeout=60)
+        except psutil.TimeoutExpired:  # SIGINT is ignored when launched in the background
+            for child in proc.children(recursive=True):
+                child.terminate()
+            proc.terminate()
+            rc = proc.wait()
         stopped = True
     wall = time.perf_counter() - t0
     stop.set()
