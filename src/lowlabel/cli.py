@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -26,9 +26,9 @@ app = typer.Typer(
 data_app = typer.Typer(help="Inspect datasets and write the demo cohort.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
 SetOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", "-s", help="Override a config key, e.g. --set train.steps=500 (repeatable)."),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
@@ -46,10 +46,10 @@ def _load(config: Path | None, overrides: list[str] | None, extra: dict | None =
 def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    data: Annotated[Optional[str], typer.Option("--data", help="dataset.json or folder (default: the demo cohort).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for runs (default: runs/).")] = None,
-    init_from: Annotated[Optional[Path], typer.Option("--init-from", help="Pretrained checkpoint or pretraining run folder.")] = None,
-    transfer: Annotated[Optional[str], typer.Option("--transfer", help="scratch, frozen, finetune or gradual.")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="dataset.json or folder (default: the demo cohort).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for runs (default: runs/).")] = None,
+    init_from: Annotated[Path | None, typer.Option("--init-from", help="Pretrained checkpoint or pretraining run folder.")] = None,
+    transfer: Annotated[str | None, typer.Option("--transfer", help="scratch, frozen, finetune or gradual.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run (or reuse a finished one).")] = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -84,7 +84,7 @@ def _print_result(result) -> None:
 @app.command()
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
-    data: Annotated[Optional[str], typer.Option("--data", help="Evaluate on all subjects of this dataset instead of the run's test split.")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="Evaluate on all subjects of this dataset instead of the run's test split.")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Evaluate a run's best weights at native resolution (Dice, HD95, volume error)."""
@@ -151,8 +151,8 @@ def data_demo(
 def pretrain(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    data: Annotated[Optional[str], typer.Option("--data", help="dataset.json or folder (default: the demo cohort).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for runs (default: runs/).")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="dataset.json or folder (default: the demo cohort).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for runs (default: runs/).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run (or reuse a finished one).")] = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -183,13 +183,13 @@ def pretrain(
 @app.command(name="study")
 def study_cmd(
     study: Annotated[str, typer.Argument(help="A built-in study name (see 'lowlabel study list'), a study YAML file, or 'list'.")],
-    data: Annotated[Optional[str], typer.Option("--data", help="dataset.json or folder for every run (default: the demo cohort).")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="dataset.json or folder for every run (default: the demo cohort).")] = None,
     profile: Annotated[str, typer.Option("--profile", "-p", help="quick (demo, minutes), cpu (an hour on 2 cores) or paper (original scale, GPU).")] = "quick",
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Study folder (default: studies/<name>-<profile>).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Study folder (default: studies/<name>-<profile>).")] = None,
     backend: Annotated[str, typer.Option("--backend", help="local (worker processes) or ray.")] = "local",
-    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster address (with --backend ray).")] = None,
+    address: Annotated[str | None, typer.Option("--address", help="Ray cluster address (with --backend ray).")] = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Runs at once (0: one per core); each gets cores // jobs threads.")] = 0,
-    mlflow: Annotated[Optional[str], typer.Option("--mlflow", help="Log every run to this MLflow URI, e.g. sqlite:///mlflow.db.")] = None,
+    mlflow: Annotated[str | None, typer.Option("--mlflow", help="Log every run to this MLflow URI, e.g. sqlite:///mlflow.db.")] = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
