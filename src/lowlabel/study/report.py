@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lowlabel.atomic import atomic_path, write_text
+from lowlabel.atomic import atomic_path, read_jsonl, write_text
 from lowlabel.errors import LowlabelError
 from lowlabel.study.stats import Difference, Summary, paired, summarize
 
@@ -64,17 +64,6 @@ class Run:
         return float((self.result.get("test") or {}).get(metric, float("nan")))
 
 
-def _read_rows(path: Path) -> list[dict]:
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a torn last line from an interrupted run
-    return rows
-
-
 def load_runs(study_dir: Path) -> tuple[dict, list[Run]]:
     """The plan and one :class:`Run` per distinct run folder.
 
@@ -106,7 +95,7 @@ def load_runs(study_dir: Path) -> tuple[dict, list[Run]]:
                 result = json.loads((folder / "result.json").read_text())
             except json.JSONDecodeError:
                 result = None
-        metrics = _read_rows(folder / "metrics.jsonl") if folder else []
+        metrics = read_jsonl(folder / "metrics.jsonl") if folder else []
         runs.append(Run(cell["key"], cell["kind"], cell["seed"], cell["labels"], folder, result,
                         metrics, cell["config"]))
     return plan, runs

@@ -21,7 +21,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from lowlabel.atomic import write_json, write_text
+from lowlabel.atomic import read_jsonl, write_json, write_text
 from lowlabel.config import from_dict, run_dir, to_dict
 from lowlabel.errors import LowlabelError, find_user_error
 from lowlabel.study.spec import Cell, Study, check, expand, load_study, plan_json, resolve
@@ -369,7 +369,7 @@ def _mlflow(uri: str):
             mlflow.log_params(_flat(to_dict(cell.cfg)))
             mlflow.set_tags({"kind": cell.kind, "seed": cell.seed,
                              "tables": ",".join(sorted(cell.labels))})
-            for row in _rows(folder / "metrics.jsonl"):
+            for row in read_jsonl(folder / "metrics.jsonl"):
                 step = int(row.pop("step", 0))
                 mlflow.log_metrics({k: float(v) for k, v in row.items()
                                     if isinstance(v, (int, float)) and not isinstance(v, bool)},
@@ -394,13 +394,3 @@ def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
             out[f"{prefix}{key}"] = value
     return out
 
-
-def _rows(path: Path) -> list[dict]:
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
