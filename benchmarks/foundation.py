@@ -46,20 +46,39 @@ def load_average() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-ARMS = {"low": {"data.budget": 3}, "full": {"data.budget": 0},
-        "low_noaug": {"data.budget": 3, "augment.enabled": False}}
+ARMS = {
+    "low": {"data.budget": 3},
+    "full": {"data.budget": 0},
+    "low_noaug": {"data.budget": 3, "augment.enabled": False},
+}
 
 
 def arm_settings(name: str, args: argparse.Namespace) -> dict:
-    return dict(SETTINGS, **ARMS[name], **{"name": name, "train.threads": args.threads,
-                                           "train.max_minutes": args.minutes,
-                                           "train.steps": args.steps})
+    return dict(
+        SETTINGS,
+        **ARMS[name],
+        **{
+            "name": name,
+            "train.threads": args.threads,
+            "train.max_minutes": args.minutes,
+            "train.steps": args.steps,
+        },
+    )
 
 
 def launch(name: str, args: argparse.Namespace) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "lowlabel.cli", "train", "--data", str(args.data), "--out",
-           str(args.out),
-           "--resume", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lowlabel.cli",
+        "train",
+        "--data",
+        str(args.data),
+        "--out",
+        str(args.out),
+        "--resume",
+        "--quiet",
+    ]
     for key, value in arm_settings(name, args).items():
         cmd += ["--set", f"{key}={json.dumps(value)}"]
     return subprocess.Popen(cmd)
@@ -96,12 +115,17 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "work" / "foundation")
     parser.add_argument("--minutes", type=float, default=20.0)
-    parser.add_argument("--steps", type=int, default=6000,
-                        help="step budget; the time budget usually ends training first")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=6000,
+        help="step budget; the time budget usually ends training first",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per arm")
     parser.add_argument("--arms", default="low,full", help="comma-separated: low, full, low_noaug")
-    parser.add_argument("--results", type=Path,
-                        default=ROOT / "benchmarks" / "results" / "foundation.json")
+    parser.add_argument(
+        "--results", type=Path, default=ROOT / "benchmarks" / "results" / "foundation.json"
+    )
     args = parser.parse_args()
     if not args.data.exists():
         sys.exit(f"{args.data}: malf35 not found; pass --data")
@@ -109,14 +133,16 @@ def main() -> None:
     from lowlabel.provenance import machine
 
     results = json.loads(args.results.read_text()) if args.results.exists() else {}
-    results.update({
-        "machine": machine(),
-        "command": "python benchmarks/foundation.py " + " ".join(sys.argv[1:]),
-        "settings": SETTINGS,
-        "minutes_budget": args.minutes,
-        "threads": args.threads,
-        "steps_budget": args.steps,
-    })
+    results.update(
+        {
+            "machine": machine(),
+            "command": "python benchmarks/foundation.py " + " ".join(sys.argv[1:]),
+            "settings": SETTINGS,
+            "minutes_budget": args.minutes,
+            "threads": args.threads,
+            "steps_budget": args.steps,
+        }
+    )
     names = args.arms.split(",")
     # The arms run side by side, one process per arm with `--threads` torch threads each
     # (on 2 cores, 2 processes x 1 thread beat 1 x 2), each within the same training budget.

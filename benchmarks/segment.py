@@ -73,8 +73,12 @@ def timed(cmd: list[str], env: dict | None = None) -> dict:
     proc.stderr.close()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err[-2000:]}")
-    return {"seconds": wall, "cpu_seconds": usage.ru_utime + usage.ru_stime,
-            "peak_rss_mb": usage.ru_maxrss / 1024.0, "load_average_1min": round(load, 2)}
+    return {
+        "seconds": wall,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "peak_rss_mb": usage.ru_maxrss / 1024.0,
+        "load_average_1min": round(load, 2),
+    }
 
 
 def dice(pred_path: Path, label_path: str, label_map) -> dict:
@@ -103,9 +107,16 @@ def summarise(rows: list[dict]) -> dict:
     import numpy as np
 
     keys = ["seconds", "cpu_seconds", "mean_dice"] + [f"dice_{n}" for n in TISSUES]
-    out = {("seconds_per_scan" if k == "seconds" else
-            "cpu_seconds_per_scan" if k == "cpu_seconds" else k): round(float(np.mean(
-                [r[k] for r in rows])), 4) for k in keys}
+    out = {
+        (
+            "seconds_per_scan"
+            if k == "seconds"
+            else "cpu_seconds_per_scan"
+            if k == "cpu_seconds"
+            else k
+        ): round(float(np.mean([r[k] for r in rows])), 4)
+        for k in keys
+    }
     out["max_seconds"] = round(max(r["seconds"] for r in rows), 3)
     out["peak_rss_mb"] = round(max(r["peak_rss_mb"] for r in rows), 1)
     return out
@@ -126,15 +137,28 @@ def speed_check(args: argparse.Namespace) -> None:
     runs = []
     for i in range(args.speed_check):
         out = args.work / "speed" / str(i)
-        t = timed([sys.executable, "-m", "lowlabel.cli", "segment", str(model), image, "-o",
-                   str(out), "--quiet"], env)
+        t = timed(
+            [
+                sys.executable,
+                "-m",
+                "lowlabel.cli",
+                "segment",
+                str(model),
+                image,
+                "-o",
+                str(out),
+                "--quiet",
+            ],
+            env,
+        )
         runs.append({k: round(v, 3) for k, v in t.items()})
         print(runs[-1], flush=True)
     result["speed_check"] = {
-        "scan": image, "nice": os.nice(0), "runs": runs,
+        "scan": image,
+        "nice": os.nice(0),
+        "runs": runs,
         "best_seconds": min(r["seconds"] for r in runs),
-        "command": " ".join(["python", Path(__file__).relative_to(ROOT).as_posix()]
-                            + sys.argv[1:]),
+        "command": " ".join(["python", Path(__file__).relative_to(ROOT).as_posix()] + sys.argv[1:]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     write_json(args.out, result)
@@ -152,20 +176,28 @@ def choose_run(foundation: Path, run_dir: Path | None) -> tuple[Path, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--atropos", nargs=3, metavar=("IMAGE", "MASK", "OUT"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--atropos", nargs=3, metavar=("IMAGE", "MASK", "OUT"), help=argparse.SUPPRESS
+    )
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--run-dir", type=Path, default=None)
-    parser.add_argument("--foundation", type=Path,
-                        default=ROOT / "benchmarks" / "results" / "foundation.json")
+    parser.add_argument(
+        "--foundation", type=Path, default=ROOT / "benchmarks" / "results" / "foundation.json"
+    )
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "segment")
-    parser.add_argument("--out", type=Path,
-                        default=ROOT / "benchmarks" / "results" / "segment.json")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "segment.json"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ants-python", type=Path, default=ANTS_PYTHON)
-    parser.add_argument("--speed-check", type=int, default=0, metavar="N",
-                        help="only time N more single-scan runs of the bundle made by the last "
-                        "full run (meant without nice) and add them to the JSON")
+    parser.add_argument(
+        "--speed-check",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only time N more single-scan runs of the bundle made by the last "
+        "full run (meant without nice) and add them to the JSON",
+    )
     args = parser.parse_args()
     if args.atropos:
         atropos_worker(*args.atropos)
@@ -180,26 +212,34 @@ def main() -> None:
     from lowlabel.provenance import machine
 
     if not args.ants_python.is_file():
-        raise SystemExit(f"{args.ants_python}: missing; set up the antspyx venv (see the top of "
-                         "this script)")
+        raise SystemExit(
+            f"{args.ants_python}: missing; set up the antspyx venv (see the top of this script)"
+        )
     run, run_source = choose_run(args.foundation, args.run_dir)
     split = json.loads((run / "splits.json").read_text())
     ds = load_dataset(split["source"])
     subjects = ds.by_id(split["test"])
     raw = json.loads(Path(split["source"]).read_text())
     base = Path(split["source"]).parent
-    masks = {str((base / e["image"]).resolve()): str((base / e["mask"]).resolve())
-             for e in raw["training"] if "mask" in e}
+    masks = {
+        str((base / e["image"]).resolve()): str((base / e["mask"]).resolve())
+        for e in raw["training"]
+        if "mask" in e
+    }
     label_map = load_config(run / "config.yaml").data.label_map
 
     if args.work.exists():
         shutil.rmtree(args.work)
     model = args.work / "model"
     lowlabel = [sys.executable, "-m", "lowlabel.cli"]
-    subprocess.run(lowlabel + ["export", str(run), "-o", str(model)], check=True,
-                   capture_output=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
-               ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(args.threads))
+    subprocess.run(
+        lowlabel + ["export", str(run), "-o", str(model)], check=True, capture_output=True
+    )
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(args.threads),
+        ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(args.threads),
+    )
     load_before = [round(v, 2) for v in os.getloadavg()]
     rows = {"lowlabel": [], "atropos": []}
     for subject in subjects:
@@ -207,18 +247,30 @@ def main() -> None:
         name = Path(image).name.removesuffix(".gz").removesuffix(".nii")
         out = args.work / "lowlabel" / subject["id"]
         t = timed(lowlabel + ["segment", str(model), image, "-o", str(out), "--quiet"], env)
-        rows["lowlabel"].append({"id": subject["id"], **t,
-                                 **dice(out / f"{name}_seg.nii.gz", subject["label"], label_map)})
+        rows["lowlabel"].append(
+            {
+                "id": subject["id"],
+                **t,
+                **dice(out / f"{name}_seg.nii.gz", subject["label"], label_map),
+            }
+        )
         seg = args.work / "atropos" / f"{subject['id']}_seg.nii.gz"
         seg.parent.mkdir(parents=True, exist_ok=True)
         worker = [str(args.ants_python), __file__, "--atropos", image, masks[image], str(seg)]
         t = timed(worker, env)
-        rows["atropos"].append({"id": subject["id"], **t,
-                                **dice(seg, subject["label"], label_map)})
-        print(subject["id"], {k: {m: round(v[-1][m], 3) for m in ("seconds", "mean_dice")}
-                              for k, v in rows.items()}, flush=True)
-    batch = timed(lowlabel + ["segment", str(model)] + [s["image"] for s in subjects]
-                  + ["-o", str(args.work / "batch"), "--quiet"], env)
+        rows["atropos"].append({"id": subject["id"], **t, **dice(seg, subject["label"], label_map)})
+        print(
+            subject["id"],
+            {k: {m: round(v[-1][m], 3) for m in ("seconds", "mean_dice")} for k, v in rows.items()},
+            flush=True,
+        )
+    batch = timed(
+        lowlabel
+        + ["segment", str(model)]
+        + [s["image"] for s in subjects]
+        + ["-o", str(args.work / "batch"), "--quiet"],
+        env,
+    )
     load_after = [round(v, 2) for v in os.getloadavg()]
 
     result = {
@@ -226,15 +278,21 @@ def main() -> None:
         "n_scans": len(subjects),
         "lowlabel": summarise(rows["lowlabel"]),
         "atropos": summarise(rows["atropos"]),
-        "lowlabel_batch": {"seconds_per_scan": round(batch["seconds"] / len(subjects), 3),
-                           "cpu_seconds_per_scan": round(batch["cpu_seconds"] / len(subjects), 3),
-                           "peak_rss_mb": round(batch["peak_rss_mb"], 1)},
+        "lowlabel_batch": {
+            "seconds_per_scan": round(batch["seconds"] / len(subjects), 3),
+            "cpu_seconds_per_scan": round(batch["cpu_seconds"] / len(subjects), 3),
+            "peak_rss_mb": round(batch["peak_rss_mb"], 1),
+        },
         "goal": {"seconds_per_scan": 10.0, "peak_rss_mb": 2048},
-        "model": {"run_dir": str(run), "source": run_source,
-                  "labelled_subjects": split.get("train"),
-                  "steps": json.loads((run / "result.json").read_text()).get("steps"),
-                  "test_dice_at_training": json.loads((run / "result.json").read_text())
-                  .get("test", {}).get("mean_dice")},
+        "model": {
+            "run_dir": str(run),
+            "source": run_source,
+            "labelled_subjects": split.get("train"),
+            "steps": json.loads((run / "result.json").read_text()).get("steps"),
+            "test_dice_at_training": json.loads((run / "result.json").read_text())
+            .get("test", {})
+            .get("mean_dice"),
+        },
         "test_subjects": split["test"],
         "threads": args.threads,
         "load_average_before": load_before,
@@ -249,15 +307,17 @@ def main() -> None:
             "with other jobs (see the load averages, also per scan), so wall times are upper "
             "bounds; cpu_seconds are summed over threads."
         ),
-        "command": " ".join(["python", Path(__file__).relative_to(ROOT).as_posix()]
-                            + sys.argv[1:]),
+        "command": " ".join(["python", Path(__file__).relative_to(ROOT).as_posix()] + sys.argv[1:]),
         "nice": os.nice(0),
         "per_scan": rows,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     write_json(args.out, result)
-    print(json.dumps({k: result[k] for k in ("n_scans", "lowlabel", "atropos", "lowlabel_batch")},
-                     indent=1))
+    print(
+        json.dumps(
+            {k: result[k] for k in ("n_scans", "lowlabel", "atropos", "lowlabel_batch")}, indent=1
+        )
+    )
 
 
 if __name__ == "__main__":

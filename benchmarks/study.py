@@ -34,17 +34,30 @@ def machine() -> str:
     cpu = platform.processor() or platform.machine()
     mem = psutil.virtual_memory().total / 2**30
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{platform.node()}: {os.cpu_count()} CPU cores ({cpu}), {mem:.0f} GiB RAM, "
-            f"{platform.system()} {platform.release()}, Python {platform.python_version()}; "
-            f"load average at start {load} (cores shared with other jobs)")
+    return (
+        f"{platform.node()}: {os.cpu_count()} CPU cores ({cpu}), {mem:.0f} GiB RAM, "
+        f"{platform.system()} {platform.release()}, Python {platform.python_version()}; "
+        f"load average at start {load} (cores shared with other jobs)"
+    )
 
 
-def run_profile(profile: str, data: str | None, out: Path, jobs: int,
-                timeout_min: float = 0.0) -> dict:
+def run_profile(
+    profile: str, data: str | None, out: Path, jobs: int, timeout_min: float = 0.0
+) -> dict:
     if out.exists():
         shutil.rmtree(out)
-    cmd = [sys.executable, "-m", "lowlabel.cli", "study", "seed", "--profile", profile,
-           "--out", str(out), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lowlabel.cli",
+        "study",
+        "seed",
+        "--profile",
+        profile,
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     if data:
         cmd += ["--data", data]
     if jobs:
@@ -86,21 +99,31 @@ def run_profile(profile: str, data: str | None, out: Path, jobs: int,
     thread.join()
     if stopped and (out / "plan.json").exists():
         subprocess.run([sys.executable, "-m", "lowlabel.cli", "report", str(out)], check=False)
-    summary = json.loads((out / "study_result.json").read_text()) if (
-        out / "study_result.json").exists() else {}
+    summary = (
+        json.loads((out / "study_result.json").read_text())
+        if (out / "study_result.json").exists()
+        else {}
+    )
     plan = json.loads((out / "plan.json").read_text()) if (out / "plan.json").exists() else {}
     seeds = sorted({c["seed"] for c in plan.get("cells", [])})
     usage = os.times()
     finished = len(list((out / "runs").glob("*/result.json")))
-    return {"wall_seconds": round(wall, 1), "peak_rss_mb": round(peak[0], 1),
-            "runs": summary.get("runs", len(plan.get("cells", []))),
-            "finished_runs": finished, "completed": not stopped and rc == 0,
-            "stopped_after_minutes": timeout_min if stopped else None,
-            "ran": summary.get("ran"),
-            "failed": len(summary.get("failed", {})), "seeds": len(seeds), "exit_code": rc,
-            "cpu_seconds_children": round(usage.children_user + usage.children_system, 1),
-            "load_average_at_start": load, "command": " ".join(["lowlabel", *cmd[3:]]),
-            "study_dir": str(out)}
+    return {
+        "wall_seconds": round(wall, 1),
+        "peak_rss_mb": round(peak[0], 1),
+        "runs": summary.get("runs", len(plan.get("cells", []))),
+        "finished_runs": finished,
+        "completed": not stopped and rc == 0,
+        "stopped_after_minutes": timeout_min if stopped else None,
+        "ran": summary.get("ran"),
+        "failed": len(summary.get("failed", {})),
+        "seeds": len(seeds),
+        "exit_code": rc,
+        "cpu_seconds_children": round(usage.children_user + usage.children_system, 1),
+        "load_average_at_start": load,
+        "command": " ".join(["lowlabel", *cmd[3:]]),
+        "study_dir": str(out),
+    }
 
 
 def strip_images(markdown: str) -> str:
@@ -113,8 +136,12 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="dataset for the cpu profile")
     parser.add_argument("--out", default="/tmp/lowlabel-bench-study")
     parser.add_argument("--jobs", type=int, default=0)
-    parser.add_argument("--timeout-minutes", type=float, default=0.0,
-                        help="interrupt the study after this long and report what finished")
+    parser.add_argument(
+        "--timeout-minutes",
+        type=float,
+        default=0.0,
+        help="interrupt the study after this long and report what finished",
+    )
     args = parser.parse_args()
     path = RESULTS / "study.json"
     results = json.loads(path.read_text()) if path.exists() else {}

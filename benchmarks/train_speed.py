@@ -44,9 +44,16 @@ PATHS = ("baseline", "lowlabel", "lowlabel_bf16")
 # The foundation benchmark's setting (3D 64^3 patches at the scans' own 1 mm), with the step
 # budget of this benchmark; everything else is at the config defaults.
 SETTINGS = {
-    "data.n_test": 7, "data.n_val": 3, "data.budget": 3, "data.spatial_dims": 3,
-    "data.spacing": [1.0, 1.0, 1.0], "data.patch_size": [64, 64, 64], "model.levels": 4,
-    "model.channels": 16, "model.num_res_units": 0, "train.batch_size": 2,
+    "data.n_test": 7,
+    "data.n_val": 3,
+    "data.budget": 3,
+    "data.spatial_dims": 3,
+    "data.spacing": [1.0, 1.0, 1.0],
+    "data.patch_size": [64, 64, 64],
+    "model.levels": 4,
+    "model.channels": 16,
+    "model.num_res_units": 0,
+    "train.batch_size": 2,
 }
 
 
@@ -87,21 +94,30 @@ def baseline_batches(cfg, subjects):
 
     keys = ["image", "label"]
     d = cfg.data
-    transform = Compose([
-        LoadImaged(keys, image_only=True),
-        EnsureChannelFirstd(keys),
-        Orientationd(keys, axcodes="RAS"),
-        Spacingd(keys, pixdim=d.spacing, mode=["bilinear", "nearest"]),
-        CropForegroundd(keys, source_key="image", margin=2),
-        NormalizeIntensityd("image", nonzero=True),
-        RandCropByPosNegLabeld(keys, label_key="label", spatial_size=d.patch_size,
-                               pos=d.pos_fraction, neg=1.0 - d.pos_fraction, num_samples=1),
-        *augment(d, cfg.augment).transforms[1:],  # the same augmentations after the crop
-    ])
+    transform = Compose(
+        [
+            LoadImaged(keys, image_only=True),
+            EnsureChannelFirstd(keys),
+            Orientationd(keys, axcodes="RAS"),
+            Spacingd(keys, pixdim=d.spacing, mode=["bilinear", "nearest"]),
+            CropForegroundd(keys, source_key="image", margin=2),
+            NormalizeIntensityd("image", nonzero=True),
+            RandCropByPosNegLabeld(
+                keys,
+                label_key="label",
+                spatial_size=d.patch_size,
+                pos=d.pos_fraction,
+                neg=1.0 - d.pos_fraction,
+                num_samples=1,
+            ),
+            *augment(d, cfg.augment).transforms[1:],  # the same augmentations after the crop
+        ]
+    )
     transform.set_random_state(seed=cfg.seed)
     items = [{"image": s["image"], "label": s["label"]} for s in subjects] * 10_000
-    loader = DataLoader(Dataset(items, transform), batch_size=cfg.train.batch_size, shuffle=True,
-                        drop_last=True)
+    loader = DataLoader(
+        Dataset(items, transform), batch_size=cfg.train.batch_size, shuffle=True, drop_last=True
+    )
     for batch in loader:
         yield batch["image"].as_tensor(), batch["label"].as_tensor()
 
@@ -140,20 +156,31 @@ def worker(kind: str, cfg_json: str) -> None:
     if kind == "baseline":
         batches = baseline_batches(cfg, ds.by_id(split["train"]))
     else:
-        items = cache(ds.by_id(split["train"]), Compose([preprocess(cfg.data), index_foreground()]),
-                      "train", False)
+        items = cache(
+            ds.by_id(split["train"]),
+            Compose([preprocess(cfg.data), index_foreground()]),
+            "train",
+            False,
+        )
         batches = iter(train_loader(cfg, items, 0))
     prep_seconds = time.perf_counter() - start  # lowlabel's one-off caching; counted as training
     seed_everything(cfg.seed)
     model = build_model(cfg.model, cfg.data.spatial_dims)
     net = prepare_model(model, cfg) if kind != "baseline" else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr,
-                                  weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+    )
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     bf16 = kind == "lowlabel_bf16"
     step = 0
-    send({"ready": True, "prep_seconds": prep_seconds, "threads": torch.get_num_threads(),
-          "settings": speed_settings(cfg) if kind != "baseline" else None})
+    send(
+        {
+            "ready": True,
+            "prep_seconds": prep_seconds,
+            "threads": torch.get_num_threads(),
+            "settings": speed_settings(cfg) if kind != "baseline" else None,
+        }
+    )
     for line in sys.stdin:
         request = json.loads(line)
         if request["do"] == "run":
@@ -169,8 +196,15 @@ def worker(kind: str, cfg_json: str) -> None:
                 step += 1
                 data += got - ready
                 total += time.perf_counter() - ready
-            send({"step": step, "steps": len(losses), "seconds": total, "data_seconds": data,
-                  "loss": losses[-1]})
+            send(
+                {
+                    "step": step,
+                    "steps": len(losses),
+                    "seconds": total,
+                    "data_seconds": data,
+                    "loss": losses[-1],
+                }
+            )
         elif request["do"] == "validate":  # untimed; one thread so it costs the others less
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
@@ -178,8 +212,12 @@ def worker(kind: str, cfg_json: str) -> None:
             torch.set_num_threads(threads)
         elif request["do"] == "stats":
             del batches  # ends loader workers, so their peak shows under RUSAGE_CHILDREN
-            send({"peak_rss_mb": peak_rss_mb(),
-                  "workers_peak_rss_mb": peak_rss_mb(resource.RUSAGE_CHILDREN)})
+            send(
+                {
+                    "peak_rss_mb": peak_rss_mb(),
+                    "workers_peak_rss_mb": peak_rss_mb(resource.RUSAGE_CHILDREN),
+                }
+            )
         else:
             return
 
@@ -196,7 +234,10 @@ class Worker:
         self.kind = kind
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--worker", kind, json.dumps(to_dict(cfg))],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         self.hello = self.recv()
 
     def ask(self, **request) -> dict:
@@ -237,9 +278,15 @@ def side_by_side(cfg, steps: int, chunk: int, target: float) -> dict:
         for kind in PATHS:
             dice = workers[kind].ask(do="validate")
             log[kind][-1].update(dice, train_seconds=trained[kind])
-        print(f"step {done + chunk}: " + ", ".join(
-            f"{k} {log[k][-1]['seconds'] / chunk:.2f} s/step dice {log[k][-1]['val_dice']:.3f}"
-            for k in PATHS), file=sys.stderr, flush=True)
+        print(
+            f"step {done + chunk}: "
+            + ", ".join(
+                f"{k} {log[k][-1]['seconds'] / chunk:.2f} s/step dice {log[k][-1]['val_dice']:.3f}"
+                for k in PATHS
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
     out = {}
     for kind, w in workers.items():
         rows = log[kind]
@@ -249,11 +296,13 @@ def side_by_side(cfg, steps: int, chunk: int, target: float) -> dict:
         prep = w.hello["prep_seconds"] if kind != "baseline" else 0.0
         reached = [r for r in rows if r["val_dice"] >= target]
         out[kind] = {
-            "steps_per_s": round(sum(r["steps"] for r in steady)
-                                 / sum(r["seconds"] for r in steady), 3),
+            "steps_per_s": round(
+                sum(r["steps"] for r in steady) / sum(r["seconds"] for r in steady), 3
+            ),
             "steps_per_s_all_chunks": round(steps / seconds, 3),
-            "data_share": round(sum(r["data_seconds"] for r in steady)
-                                / sum(r["seconds"] for r in steady), 4),
+            "data_share": round(
+                sum(r["data_seconds"] for r in steady) / sum(r["seconds"] for r in steady), 4
+            ),
             "seconds_to_target": round(prep + reached[0]["train_seconds"], 1) if reached else None,
             "steps_to_target": reached[0]["step"] if reached else None,
             "prep_seconds": round(prep, 1),
@@ -262,10 +311,17 @@ def side_by_side(cfg, steps: int, chunk: int, target: float) -> dict:
             "threads": w.hello["threads"],
             "settings": w.hello["settings"],
             **w.ask(do="stats"),
-            "curve": [{"step": r["step"], "train_seconds": round(r["train_seconds"], 2),
-                       "s_per_step": round(r["seconds"] / r["steps"], 3),
-                       "val_dice": round(r["val_dice"], 4), "loss": round(r["loss"], 4),
-                       "load_1min": r["load"]} for r in rows],
+            "curve": [
+                {
+                    "step": r["step"],
+                    "train_seconds": round(r["train_seconds"], 2),
+                    "s_per_step": round(r["seconds"] / r["steps"], 3),
+                    "val_dice": round(r["val_dice"], 4),
+                    "loss": round(r["loss"], 4),
+                    "load_1min": r["load"],
+                }
+                for r in rows
+            ],
         }
         w.close()
     return out
@@ -316,16 +372,22 @@ def compute(cfg_json: str) -> None:
     gflops = counter.get_total_flops() / 1e9
 
     levers = {}
-    variants = [("fp32_2_threads", 2, {}), ("fp32_1_thread", 1, {}),
-                ("channels_last_1_thread", 1, {"train.channels_last": True}),
-                ("bf16_1_thread", 1, {"train.bf16": True}),
-                ("compile_1_thread", 1, {"train.compile": True})]
+    variants = [
+        ("fp32_2_threads", 2, {}),
+        ("fp32_1_thread", 1, {}),
+        ("channels_last_1_thread", 1, {"train.channels_last": True}),
+        ("bf16_1_thread", 1, {"train.bf16": True}),
+        ("compile_1_thread", 1, {"train.compile": True}),
+    ]
     for name, threads, extra in variants:
         torch.set_num_threads(threads)
         c = cfg.replace(**extra)
         net, opt = setup(c)
-        x = image.contiguous(memory_format=torch.channels_last_3d) if c.train.channels_last \
+        x = (
+            image.contiguous(memory_format=torch.channels_last_3d)
+            if c.train.channels_last
             else image
+        )
         t = time.perf_counter()
         train_step(net, opt, loss_fn, x, label.float(), c.train.bf16)
         first = time.perf_counter() - t
@@ -335,20 +397,28 @@ def compute(cfg_json: str) -> None:
             train_step(net, opt, loss_fn, x, label.float(), c.train.bf16)
             times.append(time.perf_counter() - t)
         median = sorted(times)[len(times) // 2]
-        levers[name] = {"s_per_step": round(median, 4), "first_step_s": round(first, 2),
-                        "gflop_per_s": round(gflops / median, 1)}
-    print(json.dumps({"gflops_per_step": round(gflops, 3), "gemm_peak_gflop_per_s": peak,
-                      "levers": levers}))
+        levers[name] = {
+            "s_per_step": round(median, 4),
+            "first_step_s": round(first, 2),
+            "gflop_per_s": round(gflops / median, 1),
+        }
+    print(
+        json.dumps(
+            {"gflops_per_step": round(gflops, 3), "gemm_peak_gflop_per_s": peak, "levers": levers}
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # study throughput: whole fit() runs in parallel processes
 
 
-FIT = ("import json, sys; from lowlabel.config import from_dict; "
-       "from lowlabel.engine.loop import fit; "
-       "r = fit(from_dict(json.loads(sys.argv[1])), progress=False, evaluate_test=False); "
-       "print(json.dumps({'peak_rss_mb': r.peak_rss_mb, 'train_seconds': r.train_seconds}))")
+FIT = (
+    "import json, sys; from lowlabel.config import from_dict; "
+    "from lowlabel.engine.loop import fit; "
+    "r = fit(from_dict(json.loads(sys.argv[1])), progress=False, evaluate_test=False); "
+    "print(json.dumps({'peak_rss_mb': r.peak_rss_mb, 'train_seconds': r.train_seconds}))"
+)
 
 
 def throughput(cfg, steps: int, out: Path) -> dict:
@@ -359,29 +429,54 @@ def throughput(cfg, steps: int, out: Path) -> dict:
         start = time.perf_counter()
         runs = []
         for i in range(procs):
-            c = cfg.replace(**{"name": f"tp{layout}-{i}", "out": str(out), "seed": i,
-                               "train.steps": steps, "train.val_every": steps,
-                               "train.threads": threads})
-            runs.append(subprocess.Popen([sys.executable, "-c", FIT, json.dumps(to_dict(c))],
-                                         stdout=subprocess.PIPE, text=True))
+            c = cfg.replace(
+                **{
+                    "name": f"tp{layout}-{i}",
+                    "out": str(out),
+                    "seed": i,
+                    "train.steps": steps,
+                    "train.val_every": steps,
+                    "train.threads": threads,
+                }
+            )
+            runs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", FIT, json.dumps(to_dict(c))],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+            )
         reports = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in runs]
         wall = time.perf_counter() - start
-        result[layout] = {"processes": procs, "threads": threads, "wall_seconds": round(wall, 1),
-                          "runs_per_hour": round(3600 * procs / wall, 1),
-                          "peak_rss_mb": max(r["peak_rss_mb"] for r in reports)}
-    result["run"] = (f"fit(): cache {SETTINGS['data.budget']} train + {SETTINGS['data.n_val']} "
-                     f"val scans, {steps} steps, one validation, no test evaluation")
+        result[layout] = {
+            "processes": procs,
+            "threads": threads,
+            "wall_seconds": round(wall, 1),
+            "runs_per_hour": round(3600 * procs / wall, 1),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in reports),
+        }
+    result["run"] = (
+        f"fit(): cache {SETTINGS['data.budget']} train + {SETTINGS['data.n_val']} "
+        f"val scans, {steps} steps, one validation, no test evaluation"
+    )
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(MALF35) if MALF35.exists() else None,
-                        help="dataset.json (default: malf35 when present, else the demo cohort)")
+    parser.add_argument(
+        "--data",
+        default=str(MALF35) if MALF35.exists() else None,
+        help="dataset.json (default: malf35 when present, else the demo cohort)",
+    )
     parser.add_argument("--steps", type=int, default=60, help="training steps per path")
     parser.add_argument("--chunk", type=int, default=15, help="steps per alternating chunk")
-    parser.add_argument("--target", type=float, default=0.5,
-                        help="validation Dice to reach (short-run target, not the study's)")
+    parser.add_argument(
+        "--target",
+        type=float,
+        default=0.5,
+        help="validation Dice to reach (short-run target, not the study's)",
+    )
     parser.add_argument("--throughput-steps", type=int, default=20)
     parser.add_argument("--out", default="/tmp/lowlabel-train-speed")
     parser.add_argument("--result", default=str(RESULT))
@@ -392,20 +487,33 @@ def main() -> None:
     from lowlabel.provenance import git_revision, machine
 
     cfg = make_config(args.data, Path(args.out), args.steps)
-    result = {"machine": machine(), "git_revision": git_revision(),
-              "command": " ".join([Path(sys.executable).name, *sys.argv]),
-              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "load_average_before": load_average(),
-              "data": args.data or "demo cohort",
-              "config": {"settings": SETTINGS, "steps": args.steps, "chunk": args.chunk,
-                         "target_val_dice": args.target, "train": to_dict(cfg)["train"]}}
+    result = {
+        "machine": machine(),
+        "git_revision": git_revision(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "load_average_before": load_average(),
+        "data": args.data or "demo cohort",
+        "config": {
+            "settings": SETTINGS,
+            "steps": args.steps,
+            "chunk": args.chunk,
+            "target_val_dice": args.target,
+            "train": to_dict(cfg)["train"],
+        },
+    }
     begin = time.perf_counter()
     if "compute" not in args.skip:
         print("compute levers ...", file=sys.stderr, flush=True)
         # a fresh inductor cache, so the compile lever's first step pays the whole compile
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="inductor-"))
-        out = subprocess.run([sys.executable, __file__, "--compute", json.dumps(to_dict(cfg))],
-                             check=True, capture_output=True, text=True, env=env).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, "--compute", json.dumps(to_dict(cfg))],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=env,
+        ).stdout
         result.update(json.loads(out.strip().splitlines()[-1]))
     print("side by side ...", file=sys.stderr, flush=True)
     paths = side_by_side(cfg, args.steps, args.chunk, args.target)
@@ -413,32 +521,37 @@ def main() -> None:
     base, fast = paths["baseline"], paths["lowlabel"]
     result["speedup"] = round(fast["steps_per_s"] / base["steps_per_s"], 2)
     if base["seconds_to_target"] and fast["seconds_to_target"]:
-        result["speedup_to_target"] = round(base["seconds_to_target"] / fast["seconds_to_target"],
-                                            2)
+        result["speedup_to_target"] = round(
+            base["seconds_to_target"] / fast["seconds_to_target"], 2
+        )
     # the speedup in two factors: no waiting for data (baseline step -> its compute alone), and
     # the compute settings (baseline compute -> lowlabel's whole step)
     base_compute = (1 - base["data_share"]) / base["steps_per_s"]
     result["speedup_factors"] = {
         "data_pipeline": round(1 / base["steps_per_s"] / base_compute, 2),
-        "compute_settings": round(base_compute * fast["steps_per_s"], 2)}
+        "compute_settings": round(base_compute * fast["steps_per_s"], 2),
+    }
     bf16 = paths["lowlabel_bf16"]
     result["bf16_opt_in"] = {
         "speedup_vs_fp32": round(bf16["steps_per_s"] / fast["steps_per_s"], 2),
         "final_val_dice_minus_fp32": round(bf16["final_val_dice"] - fast["final_val_dice"], 4),
-        "best_val_dice_minus_fp32": round(bf16["best_val_dice"] - fast["best_val_dice"], 4)}
+        "best_val_dice_minus_fp32": round(bf16["best_val_dice"] - fast["best_val_dice"], 4),
+    }
     if "gflops_per_step" in result:
         result["achieved_gflop_per_s"] = round(result["gflops_per_step"] * fast["steps_per_s"], 1)
         threads = fast["threads"]
         peak = result["gemm_peak_gflop_per_s"]["fp32" if threads > 1 else "fp32_1_thread"]
         result["achieved_share_of_fp32_peak_at_its_threads"] = round(
-            result["achieved_gflop_per_s"] / peak, 3)
+            result["achieved_gflop_per_s"] / peak, 3
+        )
     if "throughput" not in args.skip:
         print("study throughput ...", file=sys.stderr, flush=True)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         tp = throughput(cfg, args.throughput_steps, Path(tempfile.mkdtemp(dir=args.out)))
         result["study_throughput"] = tp
-        result["study_throughput_runs_per_hour"] = max(tp["1x2"]["runs_per_hour"],
-                                                       tp["2x1"]["runs_per_hour"])
+        result["study_throughput_runs_per_hour"] = max(
+            tp["1x2"]["runs_per_hour"], tp["2x1"]["runs_per_hour"]
+        )
     result["load_average_after"] = load_average()
     result["seconds"] = round(time.perf_counter() - begin, 1)
     busy = max(result["load_average_before"][0], result["load_average_after"][0])
@@ -448,7 +561,8 @@ def main() -> None:
             f"other jobs shared the {os.cpu_count()} cores (1-min load up to {busy}): absolute "
             "timings are pessimistic; alternating chunks expose every path to the same load, but "
             "two-thread steps (the baseline's default) lose more to it than one-thread steps "
-            "(see levers)")
+            "(see levers)"
+        )
     from lowlabel.atomic import write_json
 
     write_json(Path(args.result), result)

@@ -34,7 +34,11 @@ from lowlabel.atomic import write_json
 
 GENESIS_FULL = {
     "settings": "pretrain defaults (nonlinear 0.9, shuffle 0.5, paint 0.9, in-paint share 0.2)",
-    "steps": 1000, "batch_size": 4, "train_loss": 0.731, "val_mse": 0.373, "val_mae": 0.358,
+    "steps": 1000,
+    "batch_size": 4,
+    "train_loss": 0.731,
+    "val_mse": 0.373,
+    "val_mae": 0.358,
     "outcome": "reconstructions flat grey: the network predicted the mean; not benchmarked",
 }
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,8 +95,19 @@ def run(kind: str, flat: dict, folder: Path, log: Path, collect: bool = False) -
     cfg_file.parent.mkdir(parents=True, exist_ok=True)
     cfg_file.write_text(yaml.safe_dump(nested(flat), sort_keys=False))
     if finished(folder, name) is None:
-        cmd = ["nice", "-n", "10", sys.executable, "-m", "lowlabel.cli", kind, "--config",
-               str(cfg_file), "--resume", "--quiet"]
+        cmd = [
+            "nice",
+            "-n",
+            "10",
+            sys.executable,
+            "-m",
+            "lowlabel.cli",
+            kind,
+            "--config",
+            str(cfg_file),
+            "--resume",
+            "--quiet",
+        ]
         with open(log, "a") as fh:
             fh.write(f"$ {' '.join(cmd)}\n")
             fh.flush()
@@ -121,8 +136,9 @@ def summarise(rows: list[dict], arms: list[tuple[str, str]], budgets: list[int])
     for b in budgets:
         scratch = {r["seed"]: r for r in rows if r["budget"] == b and r["mode"] == "scratch"}
         for method, mode in arms:
-            cell = [r for r in rows if r["budget"] == b and r["method"] == method
-                    and r["mode"] == mode]
+            cell = [
+                r for r in rows if r["budget"] == b and r["method"] == method and r["mode"] == mode
+            ]
             if not cell:
                 continue
             entry = {"budget": b, "method": method, "mode": mode, "seeds": len(cell)}
@@ -144,19 +160,31 @@ def summarise(rows: list[dict], arms: list[tuple[str, str]], budgets: list[int])
         cands = [d for d in diffs if d["budget"] == b]
         if cands:
             top = max(cands, key=lambda d: d["mean_dice"]["gain"])
-            best[str(b)] = {"method": top["method"], "mode": top["mode"],
-                            **top["mean_dice"], "seeds": top["seeds"]}
-    goal_met = {b: bool(g["gain"] >= GOAL[b] and (g["ci95_low"] or 0) > 0)
-                for b, g in best.items()
-                if b in GOAL}
-    return {"table": table, "differences": diffs, "best_gain": best, "goal": GOAL,
-            "goal_met": goal_met}
+            best[str(b)] = {
+                "method": top["method"],
+                "mode": top["mode"],
+                **top["mean_dice"],
+                "seeds": top["seeds"],
+            }
+    goal_met = {
+        b: bool(g["gain"] >= GOAL[b] and (g["ci95_low"] or 0) > 0)
+        for b, g in best.items()
+        if b in GOAL
+    }
+    return {
+        "table": table,
+        "differences": diffs,
+        "best_gain": best,
+        "goal": GOAL,
+        "goal_met": goal_met,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "malf35"
-                                          / "dataset.json"))
+    ap.add_argument(
+        "--data", default=str(ROOT.parent / "shared" / "data" / "malf35" / "dataset.json")
+    )
     ap.add_argument("--out", default="/tmp/lowlabel-bench/transfer")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--budgets", type=int, nargs="+", default=[1, 3])
@@ -167,10 +195,16 @@ def main() -> None:
     ap.add_argument("--pretrain-batch", type=int, default=4)
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (1 thread each)")
     ap.add_argument("--result", default=str(RESULT))
-    ap.add_argument("--first", nargs="*", default=[], metavar="METHOD:MODE",
-                    help="run these arms (and scratch) for every seed before the others")
-    ap.add_argument("--collect", action="store_true",
-                    help="start nothing: summarise the runs that finished")
+    ap.add_argument(
+        "--first",
+        nargs="*",
+        default=[],
+        metavar="METHOD:MODE",
+        help="run these arms (and scratch) for every seed before the others",
+    )
+    ap.add_argument(
+        "--collect", action="store_true", help="start nothing: summarise the runs that finished"
+    )
     args = ap.parse_args()
     if not Path(args.data).exists():
         sys.exit(f"{args.data}: dataset not found")
@@ -178,30 +212,49 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "benchmark.log"
     t0 = time.time()
-    base = {"out": str(out), "data.dataset": str(Path(args.data).resolve()), **SCALE,
-            "train.steps": args.steps}
+    base = {
+        "out": str(out),
+        "data.dataset": str(Path(args.data).resolve()),
+        **SCALE,
+        "train.steps": args.steps,
+    }
 
     pre: dict = {}
-    pre_cfgs = {m: {**base, "name": f"pretrain-{m}", "seed": 0, "pretrain.method": m,
-                    "pretrain.steps": args.pretrain_steps,
-                    "train.batch_size": args.pretrain_batch,
-                    "pretrain.save_steps": [args.pretrain_steps // 4, args.pretrain_steps // 2],
-                    **METHOD_SETTINGS.get(m, {})}
-                for m in args.methods}
+    pre_cfgs = {
+        m: {
+            **base,
+            "name": f"pretrain-{m}",
+            "seed": 0,
+            "pretrain.method": m,
+            "pretrain.steps": args.pretrain_steps,
+            "train.batch_size": args.pretrain_batch,
+            "pretrain.save_steps": [args.pretrain_steps // 4, args.pretrain_steps // 2],
+            **METHOD_SETTINGS.get(m, {}),
+        }
+        for m in args.methods
+    }
     ready = {m for m in args.methods if finished(out, f"pretrain-{m}")}
     # one pool for everything: pretraining first, then the segmentation runs; runs that need a
     # checkpoint still being made go last, so the other slot keeps working meanwhile
     pool = ThreadPoolExecutor(args.jobs)
-    pre_futures = {m: pool.submit(run, "pretrain", pre_cfgs[m], out, log, args.collect)
-                   for m in sorted(args.methods, key=lambda m: m in ready)}
+    pre_futures = {
+        m: pool.submit(run, "pretrain", pre_cfgs[m], out, log, args.collect)
+        for m in sorted(args.methods, key=lambda m: m in ready)
+    }
 
     def pretrained(m: str) -> Path:
         d = pre_futures[m].result()
         r = json.loads((d / "result.json").read_text())
-        pre[m] = {"run_dir": str(d), "steps": r["steps"], "train_loss": r["train_loss"],
-                  "val_mse": r["val_mse"], "val_mae": r["val_mae"], "seconds": r["seconds"],
-                  "checkpoint": r["checkpoints"][str(r["steps"])],
-                  "settings": METHOD_SETTINGS.get(m, {})}
+        pre[m] = {
+            "run_dir": str(d),
+            "steps": r["steps"],
+            "train_loss": r["train_loss"],
+            "val_mse": r["val_mse"],
+            "val_mae": r["val_mae"],
+            "seconds": r["seconds"],
+            "checkpoint": r["checkpoints"][str(r["steps"])],
+            "settings": METHOD_SETTINGS.get(m, {}),
+        }
         return d
 
     arms = [("none", "scratch")] + [(m, mode) for m in args.methods for mode in args.modes]
@@ -209,8 +262,14 @@ def main() -> None:
     for seed in range(args.seeds):  # seed-major, so partial results stay paired
         for b in args.budgets:
             for method, mode in arms:
-                flat = {**base, "name": f"{method}-{mode}-b{b}-s{seed}", "seed": seed,
-                        "data.draw": seed, "data.budget": b, "transfer.mode": mode}
+                flat = {
+                    **base,
+                    "name": f"{method}-{mode}-b{b}-s{seed}",
+                    "seed": seed,
+                    "data.draw": seed,
+                    "data.budget": b,
+                    "transfer.mode": mode,
+                }
                 jobs.append((seed, b, method, mode, flat))
     jobs.sort(key=lambda j: j[3] != "scratch" and j[2] not in ready)
     jobs.sort(key=lambda j: j[3] != "scratch" and f"{j[2]}:{j[3]}" not in args.first)
@@ -221,24 +280,40 @@ def main() -> None:
 
     def write(done: bool) -> None:
         summary = summarise(rows, arms, args.budgets)
-        write_json(args.result, {
-            "benchmark": "transfer", "finished": done and len(rows) == len(jobs),
-            "command": f"nice -n 10 python benchmarks/{command}",
-            "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                        "cpus": os.cpu_count(), "python": platform.python_version(),
-                        "note": "2 CPU cores shared with other work; runs niced, 1 thread each, "
-                                f"{args.jobs} at a time"},
-            "dataset": "malf35 (25 subjects; fixed test split of 6, validation 3, pool 16)",
-            "scale": {**SCALE, "train.steps": args.steps, "pretrain.steps": args.pretrain_steps,
-                      "pretrain.batch_size": args.pretrain_batch,
-                      "pretrain network": "same as the segmentation network (3 levels)",
-                      "note": "CPU scale, not the original 3D 96^3 / 5000-step setting"},
-            "seeds": args.seeds, "budgets": args.budgets, "arms": [list(a) for a in arms],
-            "pretrain": pre, "method_settings": METHOD_SETTINGS,
-            "genesis_full_corruption_attempt": GENESIS_FULL,
-            "wall_seconds": round(time.time() - t0, 1),
-            **summary, "runs": rows,
-        })
+        write_json(
+            args.result,
+            {
+                "benchmark": "transfer",
+                "finished": done and len(rows) == len(jobs),
+                "command": f"nice -n 10 python benchmarks/{command}",
+                "machine": {
+                    "platform": platform.platform(),
+                    "processor": platform.processor(),
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                    "note": "2 CPU cores shared with other work; runs niced, 1 thread each, "
+                    f"{args.jobs} at a time",
+                },
+                "dataset": "malf35 (25 subjects; fixed test split of 6, validation 3, pool 16)",
+                "scale": {
+                    **SCALE,
+                    "train.steps": args.steps,
+                    "pretrain.steps": args.pretrain_steps,
+                    "pretrain.batch_size": args.pretrain_batch,
+                    "pretrain network": "same as the segmentation network (3 levels)",
+                    "note": "CPU scale, not the original 3D 96^3 / 5000-step setting",
+                },
+                "seeds": args.seeds,
+                "budgets": args.budgets,
+                "arms": [list(a) for a in arms],
+                "pretrain": pre,
+                "method_settings": METHOD_SETTINGS,
+                "genesis_full_corruption_attempt": GENESIS_FULL,
+                "wall_seconds": round(time.time() - t0, 1),
+                **summary,
+                "runs": rows,
+            },
+        )
 
     def one(job) -> None:
         seed, b, method, mode, flat = job
@@ -250,10 +325,17 @@ def main() -> None:
             print(err, flush=True)
             return
         r = json.loads((d / "result.json").read_text())
-        row = {"seed": seed, "budget": b, "method": method, "mode": mode, "run_dir": str(d),
-               "steps": r["steps"], "best_step": r["best_step"],
-               "train_seconds": r["train_seconds"],
-               **{k: r["test"][k] for k in ("mean_dice", *[f"dice_{c}" for c in CLASSES])}}
+        row = {
+            "seed": seed,
+            "budget": b,
+            "method": method,
+            "mode": mode,
+            "run_dir": str(d),
+            "steps": r["steps"],
+            "best_step": r["best_step"],
+            "train_seconds": r["train_seconds"],
+            **{k: r["test"][k] for k in ("mean_dice", *[f"dice_{c}" for c in CLASSES])},
+        }
         with lock:
             rows.append(row)
             write(False)

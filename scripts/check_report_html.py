@@ -53,17 +53,37 @@ def chromium() -> str:
 def check(report: Path, screenshot: Path | None = None, timeout: int = 120) -> dict:
     """The probe's findings for ``report`` (tables, rows per table, images, broken images)."""
     browser = chromium()
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             "--allow-file-access-from-files", "--virtual-time-budget=10000"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--allow-file-access-from-files",
+        "--virtual-time-budget=10000",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         page = Path(tmp) / "probe.html"
         page.write_text(report.read_text().replace("</body>", PROBE + "</body>"))
-        dom = subprocess.run([browser, *flags, "--dump-dom", page.as_uri()], capture_output=True,
-                             text=True, timeout=timeout, check=False)
+        dom = subprocess.run(
+            [browser, *flags, "--dump-dom", page.as_uri()],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
         if screenshot is not None:
-            subprocess.run([browser, *flags, f"--screenshot={screenshot.resolve()}",
-                            "--window-size=1200,1600", report.resolve().as_uri()],
-                           capture_output=True, timeout=timeout, check=False)
+            subprocess.run(
+                [
+                    browser,
+                    *flags,
+                    f"--screenshot={screenshot.resolve()}",
+                    "--window-size=1200,1600",
+                    report.resolve().as_uri(),
+                ],
+                capture_output=True,
+                timeout=timeout,
+                check=False,
+            )
     match = re.search(r'<pre id="report-check">(.*?)</pre>', dom.stdout, re.S)
     if not match:
         raise SystemExit(f"chromium did not render {report}: {dom.stderr[-500:]}")

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny synthetic brains made in ``tmp_path``, and a config that trains in seconds."""
+"""Shared fixtures: tiny synthetic brains made in ``tmp_path``, and a config that trains fast."""
 
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ def phantom(shape=(32, 32, 32), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     label = np.zeros(shape, np.int16)
     label[r < 0.95] = 2
     label[r < 0.7] = 3
-    vent = np.sqrt(((grid - centre) ** 2 / np.array([0.35, 0.2, 0.2])[:, None, None, None] ** 2).sum(0))
+    vent = np.sqrt(
+        ((grid - centre) ** 2 / np.array([0.35, 0.2, 0.2])[:, None, None, None] ** 2).sum(0)
+    )
     label[vent < 1] = 1
     means = np.array([0.0, 0.3, 0.6, 0.9])
     image = means[label] + rng.normal(0, 0.04, size=shape) * (label > 0)
@@ -40,8 +42,9 @@ def write(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
     return path
 
 
-def make_tiny_dataset(root: Path, n: int = 8, shape=(32, 32, 32), spacing=(1.0, 1.0, 1.0),
-                      seed: int = 0) -> Path:
+def make_tiny_dataset(
+    root: Path, n: int = 8, shape=(32, 32, 32), spacing=(1.0, 1.0, 1.0), seed: int = 0
+) -> Path:
     """Write ``n`` phantom subjects and a dataset.json under ``root``; returns the json path.
 
     Odd subjects are stored left-right flipped (LAS) so reorientation is exercised.
@@ -95,7 +98,7 @@ def tiny_dataset(tmp_path) -> Path:
 
 @pytest.fixture()
 def tiny_config(tiny_dataset, tmp_path):
-    """A :class:`RunConfig` for a 4-step run on the tiny dataset, outputs under ``tmp_path/runs``."""
+    """A :class:`RunConfig` for a 4-step run on the tiny dataset, writing to ``tmp_path/runs``."""
     from lowlabel.config import load_config
 
     return load_config(None, tiny_overrides(tiny_dataset, tmp_path / "runs"))

@@ -27,19 +27,46 @@ from conftest import make_tiny_dataset, phantom, tiny_overrides, write
 
 from lowlabel.cli import app
 
-COMMANDS = ({c.name or c.callback.__name__ for c in app.registered_commands}
-            | {g.name for g in app.registered_groups})
+COMMANDS = {c.name or c.callback.__name__ for c in app.registered_commands} | {
+    g.name for g in app.registered_groups
+}
 SHAPE = (24, 24, 24)
-TINY = ["--set", "data.n_test=1", "--set", "data.n_val=1", "--set", "data.patch_size=[16,16,16]",
-        "--set", "model.levels=3", "--set", "model.channels=4", "--set", "train.steps=2",
-        "--set", "train.val_every=1", "--set", "train.threads=1", "--set", "train.batch_size=1"]
+TINY = [
+    "--set",
+    "data.n_test=1",
+    "--set",
+    "data.n_val=1",
+    "--set",
+    "data.patch_size=[16,16,16]",
+    "--set",
+    "model.levels=3",
+    "--set",
+    "model.channels=4",
+    "--set",
+    "train.steps=2",
+    "--set",
+    "train.val_every=1",
+    "--set",
+    "train.threads=1",
+    "--set",
+    "train.batch_size=1",
+]
 # files a training or pretraining command may leave when the data turn out bad: they describe the
 # run and are complete (written atomically), and a rerun reuses them
 MAY_KEEP = {"config.yaml", "splits.json", "pool.json"}
 
 # the defects of issue 2, each put into subject sub00 of an otherwise good dataset
-FILE_DEFECTS = ["missing_dataset", "missing", "corrupt", "truncated", "wrong_shape",
-                "wrong_affine", "nan", "empty_label", "out_of_scheme"]
+FILE_DEFECTS = [
+    "missing_dataset",
+    "missing",
+    "corrupt",
+    "truncated",
+    "wrong_shape",
+    "wrong_affine",
+    "nan",
+    "empty_label",
+    "out_of_scheme",
+]
 IMAGE_DEFECTS = ["missing_dataset", "missing", "corrupt", "truncated", "nan"]  # no labels read
 
 
@@ -94,13 +121,20 @@ def _snapshot(root: Path) -> dict[str, int]:
 
 def _cases() -> list[tuple[str, str]]:
     cases = [("data check", k) for k in FILE_DEFECTS + ["bad_key", "bad_type"]]
-    cases += [("train", k) for k in FILE_DEFECTS + ["bad_test_scan", "too_small", "bad_key",
-                                                     "bad_type", "impossible_budget",
-                                                     "wrong_model"]]
-    cases += [("evaluate", k) for k in FILE_DEFECTS + ["wrong_model", "damaged_checkpoint",
-                                                        "damaged_splits", "damaged_config"]]
-    cases += [("pretrain", k) for k in IMAGE_DEFECTS + ["too_small", "bad_key", "bad_type",
-                                                        "impossible_budget"]]
+    cases += [
+        ("train", k)
+        for k in FILE_DEFECTS
+        + ["bad_test_scan", "too_small", "bad_key", "bad_type", "impossible_budget", "wrong_model"]
+    ]
+    cases += [
+        ("evaluate", k)
+        for k in FILE_DEFECTS
+        + ["wrong_model", "damaged_checkpoint", "damaged_splits", "damaged_config"]
+    ]
+    cases += [
+        ("pretrain", k)
+        for k in IMAGE_DEFECTS + ["too_small", "bad_key", "bad_type", "impossible_budget"]
+    ]
     cases += [("segment", k) for k in IMAGE_DEFECTS[1:] + ["too_small", "wrong_model"]]
     cases += [("export", k) for k in ("wrong_model", "damaged_checkpoint", "damaged_config")]
     cases += [("study", k) for k in ("missing", "bad_key", "bad_type", "impossible_budget")]
@@ -120,8 +154,14 @@ class World:
 
         self.root = root
         self.good = make_tiny_dataset(root / "good", n=5, shape=SHAPE)
-        cfg = load_config(None, tiny_overrides(self.good, root / "runs", **{
-            "data.n_test": 1, "data.n_val": 1, "train.steps": 2, "train.val_every": 1}))
+        cfg = load_config(
+            None,
+            tiny_overrides(
+                self.good,
+                root / "runs",
+                **{"data.n_test": 1, "data.n_val": 1, "train.steps": 2, "train.val_every": 1},
+            ),
+        )
         self.run = Path(fit(cfg, progress=False).run_dir)
         self.bundle = None
         if "segment" in COMMANDS:
@@ -174,35 +214,47 @@ class World:
             if kind == "damaged_checkpoint":
                 return ["evaluate", str(self.damaged), "--quiet"], "best.safetensors"
             if kind == "damaged_splits":
-                return ["evaluate", str(self.no_splits), "--quiet"], \
-                    str(self.no_splits / "splits.json")
+                return ["evaluate", str(self.no_splits), "--quiet"], str(
+                    self.no_splits / "splits.json"
+                )
             if kind == "damaged_config":
-                return ["evaluate", str(self.bad_config), "--quiet"], \
-                    str(self.bad_config / "config.yaml")
+                return ["evaluate", str(self.bad_config), "--quiet"], str(
+                    self.bad_config / "config.yaml"
+                )
             return ["evaluate", str(self.run), "--data", str(data), "--quiet"], named
         if command == "segment":
             if kind == "wrong_model":
                 scan = self.good.parent / "images" / "sub01.nii.gz"
-                return ["segment", str(self.run), str(scan), "--out", str(out), "--quiet"], \
-                    str(self.run)
+                return ["segment", str(self.run), str(scan), "--out", str(out), "--quiet"], str(
+                    self.run
+                )
             scan = Path(named) if kind != "too_small" else data.parent / "images" / "sub00.nii.gz"
-            return ["segment", str(self.bundle), str(scan), "--out", str(out), "--quiet"], \
-                str(scan)
+            return ["segment", str(self.bundle), str(scan), "--out", str(out), "--quiet"], str(scan)
         if command == "export":
             if kind == "damaged_config":
-                return ["export", str(self.bad_config), "--out", str(out)], \
-                    str(self.bad_config / "config.yaml")
+                return ["export", str(self.bad_config), "--out", str(out)], str(
+                    self.bad_config / "config.yaml"
+                )
             source = self.good.parent if kind == "wrong_model" else self.damaged
-            return ["export", str(source), "--out", str(out)], \
-                str(source) if kind == "wrong_model" else "best.safetensors"
+            return ["export", str(source), "--out", str(out)], str(
+                source
+            ) if kind == "wrong_model" else "best.safetensors"
         if command == "study":
             if kind == "missing":
                 path = work / "nosuch-study.yaml"
                 return ["study", str(path), "--out", str(out), "--quiet"], str(path)
             if kind == "impossible_budget":
                 sets, named = ["--set", "data.n_test=99"], "n_test"
-            return ["study", "seed", "--data", str(self.good), "--out", str(out), "--quiet",
-                    *sets], named
+            return [
+                "study",
+                "seed",
+                "--data",
+                str(self.good),
+                "--out",
+                str(out),
+                "--quiet",
+                *sets,
+            ], named
         if command == "report":
             return ["report", str(self.good.parent)], str(self.good.parent)
         raise AssertionError(command)
@@ -272,30 +324,46 @@ def _prepare(world: World, case: tuple[str, str], real: bool = False) -> dict:
     work = world.root / "cases" / name
     work.mkdir(parents=True)
     argv, named = world.argv(command, kind, work)
-    return {"argv": argv, "named": named, "cwd": str(work), "env": _env(work),
-            "stdout": str(world.root / "logs" / f"{name}.out"),
-            "stderr": str(world.root / "logs" / f"{name}.err"), "inputs": _snapshot(work)}
+    return {
+        "argv": argv,
+        "named": named,
+        "cwd": str(work),
+        "env": _env(work),
+        "stdout": str(world.root / "logs" / f"{name}.out"),
+        "stderr": str(world.root / "logs" / f"{name}.err"),
+        "inputs": _snapshot(work),
+    }
 
 
 def _outcome(job: dict, rc: int) -> dict:
     work = Path(job["cwd"])
     after = _snapshot(work)
     inputs = job["inputs"]
-    return {"argv": job["argv"], "named": job["named"], "rc": rc,
-            "stdout": Path(job["stdout"]).read_text(), "stderr": Path(job["stderr"]).read_text(),
-            "new": sorted(p for p in after if p not in inputs and not p.startswith("cache/")),
-            "changed": sorted(p for p in inputs if p in after and after[p] != inputs[p])}
+    return {
+        "argv": job["argv"],
+        "named": job["named"],
+        "rc": rc,
+        "stdout": Path(job["stdout"]).read_text(),
+        "stderr": Path(job["stderr"]).read_text(),
+        "new": sorted(p for p in after if p not in inputs and not p.startswith("cache/")),
+        "changed": sorted(p for p in inputs if p in after and after[p] != inputs[p]),
+    }
 
 
 def fork_cli(jobs: list[dict], root: Path) -> list[int]:
     """Run ``lowlabel`` once per job (``argv``, ``cwd``, ``env``, ``stdout``, ``stderr`` paths),
     each in a process forked from :data:`FORK_SERVER`; returns the exit statuses."""
     spec, out, server = (root / n for n in ("cases.json", "rcs.json", "server.py"))
-    spec.write_text(json.dumps([{k: j[k] for k in ("argv", "cwd", "env", "stdout", "stderr")}
-                                for j in jobs]))
+    spec.write_text(
+        json.dumps([{k: j[k] for k in ("argv", "cwd", "env", "stdout", "stderr")} for j in jobs])
+    )
     server.write_text(FORK_SERVER)
-    subprocess.run([sys.executable, str(server), str(spec), str(out)], check=True, timeout=600,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(
+        [sys.executable, str(server), str(spec), str(out)],
+        check=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     return json.loads(out.read_text())
 
 
@@ -310,15 +378,23 @@ def _run_plain(world: World, case: tuple[str, str]) -> dict:
     """The same case as a plain ``python -m lowlabel.cli`` process."""
     job = _prepare(world, case, real=True)
     with open(job["stdout"], "w") as out, open(job["stderr"], "w") as err:
-        proc = subprocess.run([sys.executable, "-m", "lowlabel.cli", *job["argv"]], stdout=out,
-                              stderr=err, env={**os.environ, **job["env"]}, cwd=job["cwd"],
-                              timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "lowlabel.cli", *job["argv"]],
+            stdout=out,
+            stderr=err,
+            env={**os.environ, **job["env"]},
+            cwd=job["cwd"],
+            timeout=300,
+        )
     return _outcome(job, proc.returncode)
 
 
 # a few cases also run as plain processes: the forked ones must match them
-PLAIN = [c for c in [("data check", "corrupt"), ("train", "nan"), ("evaluate", "wrong_model")]
-         if c in CASES]
+PLAIN = [
+    c
+    for c in [("data check", "corrupt"), ("train", "nan"), ("evaluate", "wrong_model")]
+    if c in CASES
+]
 
 
 @pytest.fixture(scope="module")
@@ -347,9 +423,12 @@ def _check(r: dict) -> None:
     assert lines[0].startswith("error: "), context
     assert r["named"] in lines[0], f"error does not name {r['named']}" + context
     # nothing new but what the command may keep; nothing half-written (no temporary files)
-    leftovers = [p for p in r["new"]
-                 if Path(p).name not in MAY_KEEP and not (Path(p).parent.name == "splits"
-                                                          and p.endswith(".json"))]
+    leftovers = [
+        p
+        for p in r["new"]
+        if Path(p).name not in MAY_KEEP
+        and not (Path(p).parent.name == "splits" and p.endswith(".json"))
+    ]
     assert leftovers == [], context
     assert not [p for p in r["new"] if ".tmp" in p], context
     assert r["changed"] == [], context

@@ -32,8 +32,9 @@ def test_defaults_are_frozen_and_round_trip_through_yaml():
 
 def test_yaml_file_and_set_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("name: mine\ntrain:\n  steps: 7\n  lr: 0.01\n"
-                    "data:\n  patch_size: [32, 32, 32]\n")
+    path.write_text(
+        "name: mine\ntrain:\n  steps: 7\n  lr: 0.01\ndata:\n  patch_size: [32, 32, 32]\n"
+    )
     cfg = load_config(path, parse_set(["train.steps=9", "data.spacing=[2, 2, 2]", "seed=3"]))
     assert cfg.name == "mine"
     assert cfg.train.steps == 9  # --set wins over the file
@@ -97,8 +98,12 @@ def test_bad_yaml_file_names_the_file(tmp_path):
 
 
 def test_parse_set_rejects_items_without_equals():
-    assert parse_set(["a.b=1", "c=[1, 2]", "d=text", "e="]) == {"a.b": 1, "c": [1, 2], "d": "text",
-                                                             "e": None}
+    assert parse_set(["a.b=1", "c=[1, 2]", "d=text", "e="]) == {
+        "a.b": 1,
+        "c": [1, 2],
+        "d": "text",
+        "e": None,
+    }
     with pytest.raises(LowlabelError, match="train.steps"):
         parse_set(["train.steps"])
 

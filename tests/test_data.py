@@ -22,9 +22,11 @@ CFG = DataConfig(patch_size=(16, 16, 16))
 
 
 def _pair(root, image, label, affine, name="s"):
-    return {"id": name,
-            "image": str(write(root / f"{name}_img.nii.gz", image, affine)),
-            "label": str(write(root / f"{name}_lab.nii.gz", label, affine))}
+    return {
+        "id": name,
+        "image": str(write(root / f"{name}_img.nii.gz", image, affine)),
+        "label": str(write(root / f"{name}_lab.nii.gz", label, affine)),
+    }
 
 
 def _prep(subject, cfg=CFG):
@@ -37,8 +39,14 @@ def _prep(subject, cfg=CFG):
 def test_dataset_json_with_extra_keys_and_unlabelled(tmp_path):
     index = make_tiny_dataset(tmp_path / "d", n=3, shape=SHAPE)
     raw = json.loads(index.read_text())
-    raw.update({"description": "x", "modality": {"0": "T1"}, "numTraining": 3,
-                "unlabeled": ["images/sub00.nii.gz"]})
+    raw.update(
+        {
+            "description": "x",
+            "modality": {"0": "T1"},
+            "numTraining": 3,
+            "unlabeled": ["images/sub00.nii.gz"],
+        }
+    )
     raw["training"][0]["extra"] = 1
     index.write_text(json.dumps(raw))
     ds = load_dataset(index)
@@ -103,8 +111,9 @@ def _reorient(array, affine, perm, flips):
     return np.ascontiguousarray(out), affine @ vox
 
 
-@pytest.mark.parametrize(("perm", "flips"), [((0, 1, 2), (0,)), ((2, 0, 1), (1, 2)),
-                                             ((1, 2, 0), (0, 1, 2))])
+@pytest.mark.parametrize(
+    ("perm", "flips"), [((0, 1, 2), (0,)), ((2, 0, 1), (1, 2)), ((1, 2, 0), (0, 1, 2))]
+)
 def test_any_orientation_gives_the_same_preprocessed_volume(tmp_path, perm, flips):
     image, label = phantom(SHAPE, seed=3)
     affine = np.diag([1.0, 1.0, 1.0, 1.0])
@@ -134,8 +143,9 @@ def test_oblique_affine_is_taken_in_stride(tmp_path):
     image, label = phantom(SHAPE, seed=2)
     th = np.deg2rad(20)
     affine = np.eye(4)
-    affine[:3, :3] = np.array([[np.cos(th), -np.sin(th), 0], [np.sin(th), np.cos(th), 0],
-                               [0, 0, 1]]) @ np.diag([1.0, 1.2, 1.5])
+    affine[:3, :3] = np.array(
+        [[np.cos(th), -np.sin(th), 0], [np.sin(th), np.cos(th), 0], [0, 0, 1]]
+    ) @ np.diag([1.0, 1.2, 1.5])
     s = _pair(tmp_path, image, label, affine)
     assert check_pair(s)["spacing"] == [1.0, 1.2, 1.5]
     assert np.allclose(spacing_of(affine), (1.0, 1.2, 1.5))
@@ -185,12 +195,18 @@ def _bad(tmp_path, kind):
         write(tmp_path / "s_img.nii.gz", np.stack([image, image], -1), affine)
         return s, img_path, "4D"
     if kind == "nan":
-        write(tmp_path / "s_img.nii.gz", np.where(label == 1, np.nan, image).astype(np.float32),
-              affine)
+        write(
+            tmp_path / "s_img.nii.gz",
+            np.where(label == 1, np.nan, image).astype(np.float32),
+            affine,
+        )
         return s, img_path, "NaN"
     if kind == "inf":
-        write(tmp_path / "s_img.nii.gz", np.where(label == 3, np.inf, image).astype(np.float32),
-              affine)
+        write(
+            tmp_path / "s_img.nii.gz",
+            np.where(label == 3, np.inf, image).astype(np.float32),
+            affine,
+        )
         return s, img_path, "Inf"
     if kind == "shape":
         write(tmp_path / "s_lab.nii.gz", label[:-2], affine)
@@ -210,8 +226,20 @@ def _bad(tmp_path, kind):
     raise AssertionError(kind)
 
 
-BAD = ["missing", "corrupt", "truncated", "truncated_raw", "4d", "nan", "inf", "shape", "affine",
-       "scheme", "empty", "fractional"]
+BAD = [
+    "missing",
+    "corrupt",
+    "truncated",
+    "truncated_raw",
+    "4d",
+    "nan",
+    "inf",
+    "shape",
+    "affine",
+    "scheme",
+    "empty",
+    "fractional",
+]
 
 
 @pytest.mark.parametrize("kind", BAD)
@@ -253,14 +281,18 @@ def test_check_dataset_summarises_and_collects_every_problem(tmp_path):
     report = check_dataset(index)
     assert report["problems"] == []
     assert [r["id"] for r in report["subjects"]] == ["sub00", "sub01", "sub02", "sub03"]
-    assert all(r["shape"] == list(SHAPE) and r["spacing"] == [1.0, 1.0, 1.5]
-               for r in report["subjects"])
+    assert all(
+        r["shape"] == list(SHAPE) and r["spacing"] == [1.0, 1.0, 1.5] for r in report["subjects"]
+    )
     _, label = phantom(SHAPE, seed=0)
     assert report["subjects"][0]["label_counts"] == [int((label == i).sum()) for i in range(4)]
     # two broken subjects: both are reported at once
     (tmp_path / "d" / "images" / "sub01.nii.gz").write_bytes(b"junk")
-    write(tmp_path / "d" / "labels" / "sub03.nii.gz", np.zeros(SHAPE, np.int16),
-          np.diag([1.0, 1.0, 1.5, 1.0]))
+    write(
+        tmp_path / "d" / "labels" / "sub03.nii.gz",
+        np.zeros(SHAPE, np.int16),
+        np.diag([1.0, 1.0, 1.5, 1.0]),
+    )
     report = check_dataset(index)
     assert len(report["subjects"]) == 2
     assert len(report["problems"]) == 2

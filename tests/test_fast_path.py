@@ -69,8 +69,9 @@ def plain_losses(cfg: RunConfig) -> list[float]:
     batches = Batches(items, DecodeEachStep(cfg), cfg.train.batch_size, cfg.seed, track_meta=True)
     seed_everything(cfg.seed)
     model = build_model(cfg.model, cfg.data.spatial_dims)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr,
-                                  weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+    )
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     losses = []
     for step in range(cfg.train.steps):

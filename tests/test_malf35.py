@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import MALF35
 
-pytestmark = pytest.mark.skipif(not (MALF35 / "dataset.json").exists(),
-                                reason="malf35 is not beside the checkout")
+pytestmark = pytest.mark.skipif(
+    not (MALF35 / "dataset.json").exists(), reason="malf35 is not beside the checkout"
+)
 
 
 def test_malf35_subjects_and_labels():

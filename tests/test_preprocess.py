@@ -37,8 +37,10 @@ def _permuted():
 
 
 def _item(tmp_path, image, label, affine, cfg):
-    paths = {"image": str(write(tmp_path / "img.nii.gz", image, affine)),
-             "label": str(write(tmp_path / "lab.nii.gz", label, affine))}
+    paths = {
+        "image": str(write(tmp_path / "img.nii.gz", image, affine)),
+        "label": str(write(tmp_path / "lab.nii.gz", label, affine)),
+    }
     pre = preprocess(cfg)
     return pre, pre(paths)
 

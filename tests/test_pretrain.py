@@ -30,8 +30,16 @@ def test_pretrain_run_folder_and_images_seen(tiny_dataset, tmp_path):
     run = tmp_path / "runs" / result.run_dir.split("/")[-1]
     assert result.steps == 4
     assert sorted(result.checkpoints) == ["2", "4"]
-    for name in ("config.yaml", "metrics.jsonl", "last.safetensors", "checkpoint-2.safetensors",
-                 "checkpoint-4.safetensors", "reconstructions.png", "result.json", "pool.json"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "last.safetensors",
+        "checkpoint-2.safetensors",
+        "checkpoint-4.safetensors",
+        "reconstructions.png",
+        "result.json",
+        "pool.json",
+    ):
         assert (run / name).is_file(), name
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4]
@@ -58,8 +66,12 @@ def test_pretrain_run_folder_and_images_seen(tiny_dataset, tmp_path):
 def test_pretrain_resume_is_bit_identical(tiny_dataset, tmp_path, monkeypatch):
     import lowlabel.engine.pretrain as engine
 
-    extra = {"pretrain.method": "genesis", "pretrain.save_steps": [], "model.norm": "batch",
-             "model.dropout": 0.2}
+    extra = {
+        "pretrain.method": "genesis",
+        "pretrain.save_steps": [],
+        "model.norm": "batch",
+        "model.dropout": 0.2,
+    }
     whole = engine.pretrain(_cfg(tiny_dataset, tmp_path / "a", **extra), progress=False)
 
     cfg = _cfg(tiny_dataset, tmp_path / "b", **extra)
@@ -115,8 +127,9 @@ def test_reconstruction_figure_one_row_per_step(tmp_path):
 
     vol = np.random.default_rng(0).normal(size=(20, 24, 16))
     one = reconstruction_figure([("step 1", vol, vol * 0.9, vol)], tmp_path / "one.png")
-    three = reconstruction_figure([(f"step {i}", vol, vol, vol) for i in range(3)],
-                                  tmp_path / "three.png")
+    three = reconstruction_figure(
+        [(f"step {i}", vol, vol, vol) for i in range(3)], tmp_path / "three.png"
+    )
     assert matplotlib.image.imread(three).shape[0] > 2 * matplotlib.image.imread(one).shape[0]
 
 
@@ -130,8 +143,9 @@ def test_cli_pretrain_help_and_run(tiny_dataset, tmp_path):
     assert "--init-from" in train_help.output and "--transfer" in train_help.output
 
     args = ["pretrain", "--data", str(tiny_dataset), "--out", str(tmp_path / "runs"), "--quiet"]
-    for key, value in tiny_overrides(tiny_dataset, tmp_path / "runs",
-                                     **{"pretrain.steps": 2, "train.val_every": 2}).items():
+    for key, value in tiny_overrides(
+        tiny_dataset, tmp_path / "runs", **{"pretrain.steps": 2, "train.val_every": 2}
+    ).items():
         if key not in ("out", "data.dataset"):
             args += ["--set", f"{key}={json.dumps(value)}"]
     result = runner.invoke(app, args)

@@ -35,15 +35,39 @@ from lowlabel.errors import LowlabelError
 
 TIMING = {"seconds", "data_share", "steps_per_s"}  # wall-clock columns, free to differ
 STEPS = 12
-TRAIN = {"train.steps": STEPS, "train.val_every": 3, "train.checkpoint_every": 1,
-         "train.patience": 0, "model.dropout": 0.1}
-PRETRAIN = {"pretrain.steps": STEPS, "pretrain.save_steps": [6], "train.val_every": 3,
-            "train.checkpoint_every": 1}
+TRAIN = {
+    "train.steps": STEPS,
+    "train.val_every": 3,
+    "train.checkpoint_every": 1,
+    "train.patience": 0,
+    "model.dropout": 0.1,
+}
+PRETRAIN = {
+    "pretrain.steps": STEPS,
+    "pretrain.save_steps": [6],
+    "train.val_every": 3,
+    "train.checkpoint_every": 1,
+}
 
 
-TINY_ARGS = ["--set", "data.n_test=1", "--set", "data.n_val=1", "--set", "train.steps=2",
-             "--set", "data.patch_size=[16,16,16]", "--set", "model.levels=3",
-             "--set", "model.channels=4", "--set", "pretrain.steps=2", "--set", "train.threads=1"]
+TINY_ARGS = [
+    "--set",
+    "data.n_test=1",
+    "--set",
+    "data.n_val=1",
+    "--set",
+    "train.steps=2",
+    "--set",
+    "data.patch_size=[16,16,16]",
+    "--set",
+    "model.levels=3",
+    "--set",
+    "model.channels=4",
+    "--set",
+    "pretrain.steps=2",
+    "--set",
+    "train.threads=1",
+]
 
 
 def rows(path: Path) -> list[dict]:
@@ -86,15 +110,23 @@ def _kill_and_resume(command: str, overrides: dict, log: Path) -> dict:
                 break
             time.sleep(0.01)
         rc = proc.wait(timeout=60)
-    killed = {"rc": rc, "target": target, "seen_step": step,
-              "finished_before_resume": (folder / "result.json").exists(),
-              "last_step": checkpoint.read_meta(folder / "last.safetensors")["state"]["step"]}
+    killed = {
+        "rc": rc,
+        "target": target,
+        "seen_step": step,
+        "finished_before_resume": (folder / "result.json").exists(),
+        "last_step": checkpoint.read_meta(folder / "last.safetensors")["state"]["step"],
+    }
     # a kill in the middle of a checkpoint write leaves its temporary file: make sure of one
     (folder / ".last.killed.tmp.safetensors").write_bytes(b"\0" * 64)
     with open(log, "a") as fh:
         resumed = subprocess.run([*argv, "--resume"], stdout=fh, stderr=fh, env=env, timeout=300)
-    return {"folder": folder, "killed": killed, "resume_rc": resumed.returncode,
-            "log": log.read_text()}
+    return {
+        "folder": folder,
+        "killed": killed,
+        "resume_rc": resumed.returncode,
+        "log": log.read_text(),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +142,10 @@ def killed_runs(dataset, tmp_path_factory) -> dict:
     if "pretrain" in COMMANDS:
         jobs["pretrain"] = {**tiny_overrides(dataset, root / "pretrain"), **PRETRAIN}
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {name: pool.submit(_kill_and_resume, name, o, root / f"{name}.log")
-                   for name, o in jobs.items()}
+        futures = {
+            name: pool.submit(_kill_and_resume, name, o, root / f"{name}.log")
+            for name, o in jobs.items()
+        }
         return {name: f.result() for name, f in futures.items()}
 
 
@@ -135,28 +169,32 @@ def test_train_killed_at_a_random_step_resumes_to_identical_weights(killed_runs,
     assert same_tensors(out / "best.safetensors", ref / "best.safetensors") == [], context
     assert same_tensors(out / "last.safetensors", ref / "last.safetensors") == [], context
     assert json.loads((out / "evaluation.json").read_text()) == json.loads(
-        (ref / "evaluation.json").read_text())
+        (ref / "evaluation.json").read_text()
+    )
     result, expected = (json.loads((d / "result.json").read_text()) for d in (out, ref))
     for key in ("steps", "best_step", "best_val_dice", "stopped_early", "n_labelled", "test"):
         assert result[key] == expected[key], key
     assert not list(out.glob(".*tmp*")), "a temporary file was left behind"
 
 
-def test_pretrain_killed_at_a_random_step_resumes_to_identical_weights(killed_runs, dataset,
-                                                                       tmp_path):
+def test_pretrain_killed_at_a_random_step_resumes_to_identical_weights(
+    killed_runs, dataset, tmp_path
+):
     if "pretrain" not in killed_runs:
         pytest.skip("no 'lowlabel pretrain' command yet")
     from lowlabel.engine.pretrain import pretrain
 
     run = killed_runs["pretrain"]
     _check_killed(run)
-    ref = Path(pretrain(load_config(None, {**tiny_overrides(dataset, tmp_path), **PRETRAIN}),
-                        progress=False).run_dir)
+    ref = Path(
+        pretrain(
+            load_config(None, {**tiny_overrides(dataset, tmp_path), **PRETRAIN}), progress=False
+        ).run_dir
+    )
     out = run["folder"]
     context = str(run["killed"])
     assert rows(out / "metrics.jsonl") == rows(ref / "metrics.jsonl"), context
-    for name in ("checkpoint-6.safetensors", f"checkpoint-{STEPS}.safetensors",
-                 "last.safetensors"):
+    for name in ("checkpoint-6.safetensors", f"checkpoint-{STEPS}.safetensors", "last.safetensors"):
         assert same_tensors(out / name, ref / name) == [], (name, context)
     result, expected = (json.loads((d / "result.json").read_text()) for d in (out, ref))
     for key in ("steps", "train_loss", "val_mse", "val_mae"):
@@ -220,8 +258,11 @@ def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path):
 @pytest.fixture(scope="module")
 def reference_run(dataset, tmp_path_factory):
     """A 6-step run: its overrides, config and folder."""
-    overrides = {**tiny_overrides(dataset, tmp_path_factory.mktemp("ref")), **TRAIN,
-                 "train.steps": 6}
+    overrides = {
+        **tiny_overrides(dataset, tmp_path_factory.mktemp("ref")),
+        **TRAIN,
+        "train.steps": 6,
+    }
     cfg = load_config(None, overrides)
     return overrides, cfg, Path(loop.fit(cfg, progress=False).run_dir)
 
@@ -242,12 +283,15 @@ def _fail_on_call(n: int, err: OSError, real):
 
 @pytest.mark.parametrize(
     ("err", "message"),
-    [(OSError(errno.ENOSPC, "No space left on device"), "disk full"),
-     (OSError(errno.EROFS, "Read-only file system"), "not writable")],
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "disk full"),
+        (OSError(errno.EROFS, "Read-only file system"), "not writable"),
+    ],
     ids=["disk-full", "read-only"],
 )
 def test_write_failure_mid_run_is_one_line_and_keeps_the_last_checkpoint(
-        reference_run, tmp_path, monkeypatch, capsys, err, message):
+    reference_run, tmp_path, monkeypatch, capsys, err, message
+):
     overrides, cfg, ref = reference_run
     overrides = {**overrides, "out": str(tmp_path)}
     cfg = cfg.replace(out=str(tmp_path))
@@ -322,11 +366,24 @@ def _unwritable_cases(world: World, root: Path) -> dict[str, list[str]]:
         "export": ["export", str(world.run), "--out", str(blocker / "bundle")],
     }
     if world.bundle is not None:
-        cases["segment"] = ["segment", str(world.bundle), str(scan), "--out",
-                            str(blocker / "seg"), "--quiet"]
+        cases["segment"] = [
+            "segment",
+            str(world.bundle),
+            str(scan),
+            "--out",
+            str(blocker / "seg"),
+            "--quiet",
+        ]
     if "pretrain" in COMMANDS:
-        cases["pretrain"] = ["pretrain", "--data", str(world.good), "--out",
-                             str(blocker / "runs"), "--quiet", *TINY_ARGS]
+        cases["pretrain"] = [
+            "pretrain",
+            "--data",
+            str(world.good),
+            "--out",
+            str(blocker / "runs"),
+            "--quiet",
+            *TINY_ARGS,
+        ]
     return cases
 
 
@@ -403,27 +460,39 @@ def _pickle_cases(world: World, root: Path) -> dict[str, list[str]]:
     # --resume of the same config elsewhere finds a copy of the run folder with the planted file
     cfg = load_config(evil_run / "config.yaml")
     shutil.copytree(evil_run, run_dir(cfg.replace(out=str(root / "resumed"))))
-    train = ["train", "--quiet", "--data", str(world.good), "--out", str(root / "runs"),
-             *TINY_ARGS]
+    train = ["train", "--quiet", "--data", str(world.good), "--out", str(root / "runs"), *TINY_ARGS]
     cases = {
-        "train --resume": ["train", "--quiet", "--config", str(evil_run / "config.yaml"),
-                           "--set", f"out={root / 'resumed'}", "--resume"],
+        "train --resume": [
+            "train",
+            "--quiet",
+            "--config",
+            str(evil_run / "config.yaml"),
+            "--set",
+            f"out={root / 'resumed'}",
+            "--resume",
+        ],
         "evaluate": ["evaluate", str(evil_run), "--quiet"],
         "export": ["export", str(evil_run), "--out", str(root / "bundle")],
         "train --init-from file": [*train, "--init-from", str(evil_file), "--set", "name=t1"],
-        "train --init-from folder": [*train, "--init-from", str(evil_pretrain),
-                                     "--set", "name=t2"],
+        "train --init-from folder": [*train, "--init-from", str(evil_pretrain), "--set", "name=t2"],
     }
     if world.bundle is not None:
         evil_bundle = root / "evil-bundle"
         shutil.copytree(world.bundle, evil_bundle)
         (evil_bundle / "model.safetensors").write_bytes(malicious(marker, "5"))
-        cases["segment"] = ["segment", str(evil_bundle), str(scan), "--out", str(root / "seg"),
-                            "--quiet"]
+        cases["segment"] = [
+            "segment",
+            str(evil_bundle),
+            str(scan),
+            "--out",
+            str(root / "seg"),
+            "--quiet",
+        ]
     if "pretrain" in COMMANDS:
         args = ["--data", str(world.good), "--out", str(root / "pre"), *TINY_ARGS]
-        pre_cfg = load_config(None, {"data.dataset": str(world.good), "out": str(root / "pre"),
-                                     **cli_sets(TINY_ARGS)})
+        pre_cfg = load_config(
+            None, {"data.dataset": str(world.good), "out": str(root / "pre"), **cli_sets(TINY_ARGS)}
+        )
         folder = run_dir(pre_cfg)
         folder.mkdir(parents=True)
         (folder / "last.safetensors").write_bytes(malicious(marker, "5"))
@@ -459,23 +528,40 @@ def forked(world, tmp_path_factory) -> dict:
     for group, cases in groups.items():
         for name, argv in cases.items():
             tag = f"{group}-{name}".replace(" ", "_")
-            jobs.append({"argv": argv, "cwd": str(root / group),
-                         "stdout": str(root / f"{tag}.out"), "stderr": str(root / f"{tag}.err"),
-                         "env": {"LOWLABEL_CACHE": str(root / "cache")}})
+            jobs.append(
+                {
+                    "argv": argv,
+                    "cwd": str(root / group),
+                    "stdout": str(root / f"{tag}.out"),
+                    "stderr": str(root / f"{tag}.err"),
+                    "env": {"LOWLABEL_CACHE": str(root / "cache")},
+                }
+            )
             keys.append((group, name))
     rcs = fork_cli(jobs, root)
     out: dict = {"root": root, **{g: {} for g in groups}}
     for (group, name), rc, job in zip(keys, rcs, jobs, strict=True):
-        out[group][name] = {"rc": rc, "argv": job["argv"],
-                            "stderr": Path(job["stderr"]).read_text(),
-                            "stdout": Path(job["stdout"]).read_text()}
+        out[group][name] = {
+            "rc": rc,
+            "argv": job["argv"],
+            "stderr": Path(job["stderr"]).read_text(),
+            "stdout": Path(job["stdout"]).read_text(),
+        }
     return out
 
 
 def test_no_source_file_can_unpickle():
     """No code path calls an unpickling loader (torch.load, pickle, np.load with pickles)."""
     src = Path(cli.__file__).parent
-    banned = ("torch.load(", "pickle.load", "import pickle", "allow_pickle=True", "yaml.load(",
-              "yaml.unsafe_load", "torch.jit.load", "joblib")
+    banned = (
+        "torch.load(",
+        "pickle.load",
+        "import pickle",
+        "allow_pickle=True",
+        "yaml.load(",
+        "yaml.unsafe_load",
+        "torch.jit.load",
+        "joblib",
+    )
     hits = [(p.name, b) for p in src.rglob("*.py") for b in banned if b in p.read_text()]
     assert hits == []

@@ -66,8 +66,9 @@ def flip_affine(affine: np.ndarray, shape: tuple[int, ...], axes: tuple[int, ...
 def oblique(shape, spacing=(1.0, 1.0, 1.0), degrees: float = 20.0) -> np.ndarray:
     t = np.deg2rad(degrees)
     rot = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])
-    tilt = np.array([[1, 0, 0], [0, np.cos(t / 2), -np.sin(t / 2)],
-                     [0, np.sin(t / 2), np.cos(t / 2)]])
+    tilt = np.array(
+        [[1, 0, 0], [0, np.cos(t / 2), -np.sin(t / 2)], [0, np.sin(t / 2), np.cos(t / 2)]]
+    )
     rot = rot @ tilt
     affine = np.eye(4)
     affine[:3, :3] = rot @ np.diag(spacing)
@@ -97,12 +98,16 @@ def test_reoriented_scans_give_the_same_segmentation(bundle, tmp_path):
     image, _ = phantom((32, 30, 28), seed=11)
     ras = np.diag([1.0, 1.0, 1.0, 1.0])
     ras[:3, 3] = (-16, -15, -14)
-    scans = {"ras": (image, ras),
-             "las": (np.flip(image, 0), flip_affine(ras, image.shape, (0,))),
-             "lpi": (np.flip(image, (1, 2)), flip_affine(ras, image.shape, (1, 2))),
-             "oblique": (image, oblique(image.shape))}
-    paths = [write(tmp_path / "in" / f"{k}.nii.gz", np.ascontiguousarray(v), a)
-             for k, (v, a) in scans.items()]
+    scans = {
+        "ras": (image, ras),
+        "las": (np.flip(image, 0), flip_affine(ras, image.shape, (0,))),
+        "lpi": (np.flip(image, (1, 2)), flip_affine(ras, image.shape, (1, 2))),
+        "oblique": (image, oblique(image.shape)),
+    }
+    paths = [
+        write(tmp_path / "in" / f"{k}.nii.gz", np.ascontiguousarray(v), a)
+        for k, (v, a) in scans.items()
+    ]
     result = segment(bundle, paths, tmp_path / "out", progress=False)
     assert result.errors == [] and len(result.rows) == 4
     segs = {k: seg_of(tmp_path / "out", k) for k in scans}
@@ -154,8 +159,9 @@ def test_volumes_are_voxel_counts_times_voxel_volume(bundle, tmp_path, monkeypat
     for name, spacing in spacings.items():
         image, _ = phantom((30, 30, 16), seed=len(name) + ord(name))
         write(tmp_path / "in" / f"{name}.nii.gz", image, oblique(image.shape, spacing, degrees=10))
-    code, out, err = cli(["segment", bundle.path, tmp_path / "in", "-o", tmp_path / "out", "-q"],
-                         monkeypatch, capsys)
+    code, out, err = cli(
+        ["segment", bundle.path, tmp_path / "in", "-o", tmp_path / "out", "-q"], monkeypatch, capsys
+    )
     assert code == 0, err
     assert "segmented 2 scan(s)" in out
     with open(tmp_path / "out" / "volumes.csv") as fh:
@@ -181,8 +187,12 @@ def test_probability_maps_match_the_label_map(bundle, tmp_path):
     path = write(tmp_path / "p.nii.gz", image, np.diag([1.0, -1.0, 1.0, 1.0]))
     segment(bundle, [path], tmp_path / "out", probabilities=True, progress=False)
     labels = np.asarray(seg_of(tmp_path / "out", "p").dataobj)
-    probs = np.stack([nib.load(str(tmp_path / "out" / f"p_prob_{t}.nii.gz")).get_fdata()
-                      for t in ("csf", "gm", "wm")])
+    probs = np.stack(
+        [
+            nib.load(str(tmp_path / "out" / f"p_prob_{t}.nii.gz")).get_fdata()
+            for t in ("csf", "gm", "wm")
+        ]
+    )
     assert probs.shape == (3, *image.shape)
     assert probs.min() >= 0 and probs.max() <= 1 + 1e-5 and (probs.sum(0) <= 1 + 1e-4).all()
     tissue = labels > 0
@@ -203,26 +213,34 @@ def _bad_inputs(root: Path) -> dict[str, tuple[Path, str]]:
     return {
         "corrupt": (corrupt, "cannot read NIfTI"),
         "truncated": (truncated, "truncated"),
-        "4d": (write(root / "4d.nii.gz", np.stack([image, image], -1), eye),
-               "4D image with 2 volumes"),
+        "4d": (
+            write(root / "4d.nii.gz", np.stack([image, image], -1), eye),
+            "4D image with 2 volumes",
+        ),
         "2d": (write(root / "slice.nii.gz", image[:, :, 16], eye), "2D image"),
         "2d_singleton": (write(root / "slab.nii.gz", image[:, :, 16:17], eye), "2D image"),
-        "coarse": (write(root / "coarse.nii.gz", image[:, :, :8], np.diag([1.0, 1.0, 8.0, 1.0])),
-                   "too coarse"),
+        "coarse": (
+            write(root / "coarse.nii.gz", image[:, :, :8], np.diag([1.0, 1.0, 8.0, 1.0])),
+            "too coarse",
+        ),
         "small": (write(root / "small.nii.gz", image[:3], eye), "too small"),
-        "huge_field": (write(root / "huge.nii.gz", image, np.diag([20.0, 20.0, 20.0, 1.0])),
-                       "too coarse"),
+        "huge_field": (
+            write(root / "huge.nii.gz", image, np.diag([20.0, 20.0, 20.0, 1.0])),
+            "too coarse",
+        ),
         "not_nifti": (notes, "not a NIfTI"),
         "missing": (root / "nowhere.nii.gz", "no such file"),
     }
 
 
-def test_every_bad_input_is_one_line_naming_the_file_and_exit_2(trained, tmp_path, monkeypatch,
-                                                                 capsys):
+def test_every_bad_input_is_one_line_naming_the_file_and_exit_2(
+    trained, tmp_path, monkeypatch, capsys
+):
     cases = _bad_inputs(tmp_path / "in")
     for name, (path, message) in cases.items():
-        code, _, err = cli(["segment", trained["bundle"], path, "-o", tmp_path / name, "-q"],
-                           monkeypatch, capsys)
+        code, _, err = cli(
+            ["segment", trained["bundle"], path, "-o", tmp_path / name, "-q"], monkeypatch, capsys
+        )
         lines = err.strip().splitlines()
         assert code == 2, (name, err)
         assert len(lines) == 1 and lines[0].startswith("error: "), (name, err)
@@ -235,15 +253,26 @@ def test_a_batch_with_bad_files_still_segments_the_others(trained, tmp_path, mon
     image, _ = phantom((30, 32, 28), seed=4)
     other = write(tmp_path / "in2" / "other.nii", image, np.diag([-1.0, 1.0, 1.0, 1.0]))
     bad = [cases["truncated"][0], cases["4d"][0]]
-    args = ["segment", trained["bundle"], bad[0], tmp_path / "in" / "good.nii.gz", bad[1], other,
-            "-o", tmp_path / "out", "-q"]
+    args = [
+        "segment",
+        trained["bundle"],
+        bad[0],
+        tmp_path / "in" / "good.nii.gz",
+        bad[1],
+        other,
+        "-o",
+        tmp_path / "out",
+        "-q",
+    ]
     code, out, err = cli(args, monkeypatch, capsys)
     assert code == 2
     assert "segmented 2 scan(s)" in out
     lines = err.strip().splitlines()
     assert len(lines) == 2 and str(bad[0]) in lines[0] and str(bad[1]) in lines[1]
     assert sorted(p.name for p in (tmp_path / "out").glob("*_seg.nii.gz")) == [
-        "good_seg.nii.gz", "other_seg.nii.gz"]
+        "good_seg.nii.gz",
+        "other_seg.nii.gz",
+    ]
     with open(tmp_path / "out" / "volumes.csv") as fh:
         assert [Path(r["scan"]).name for r in csv.DictReader(fh)] == ["good.nii.gz", "other.nii"]
 
@@ -251,9 +280,11 @@ def test_a_batch_with_bad_files_still_segments_the_others(trained, tmp_path, mon
 def test_missing_or_wrong_model_folder(trained, tmp_path, monkeypatch, capsys):
     image, _ = phantom((24, 24, 24))
     scan = write(tmp_path / "s.nii.gz", image, np.eye(4))
-    for model, message in ((tmp_path / "nope", "model folder not found"),
-                           (trained["run_dir"], "lowlabel export"),
-                           (tmp_path, "not a lowlabel model folder")):
+    for model, message in (
+        (tmp_path / "nope", "model folder not found"),
+        (trained["run_dir"], "lowlabel export"),
+        (tmp_path, "not a lowlabel model folder"),
+    ):
         code, _, err = cli(["segment", model, scan, "-o", tmp_path / "out"], monkeypatch, capsys)
         assert code == 2 and err.count("\n") == 1
         assert str(model) in err and message in err
@@ -306,16 +337,24 @@ def test_bundle_round_trip_predicts_like_the_run(trained, tmp_path):
     assert info["labels"] == {"0": "background", "1": "CSF", "2": "GM", "3": "WM"}
     assert info["preprocessing"]["spacing_mm"] == [1.0, 1.0, 1.0]
     assert {p.name for p in trained["bundle"].iterdir()} == {
-        "model.safetensors", "config.yaml", "bundle.json"}
+        "model.safetensors",
+        "config.yaml",
+        "bundle.json",
+    }
 
     cfg_run, model_run = load_run(trained["run_dir"])
     loaded = load(trained["bundle"])
     assert loaded.cfg == cfg_run
     image, _ = phantom((32, 32, 32), seed=31)
     item = preprocess(cfg_run.data, keys=("image",))(
-        {"image": str(write(tmp_path / "x.nii.gz", image, np.eye(4)))})
-    torch.testing.assert_close(predict_logits(loaded.model, item["image"], loaded.cfg),
-                               predict_logits(model_run, item["image"], cfg_run), rtol=0, atol=0)
+        {"image": str(write(tmp_path / "x.nii.gz", image, np.eye(4)))}
+    )
+    torch.testing.assert_close(
+        predict_logits(loaded.model, item["image"], loaded.cfg),
+        predict_logits(model_run, item["image"], cfg_run),
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_export_refuses_a_non_empty_folder_and_a_non_run(trained, tmp_path, monkeypatch, capsys):
@@ -338,8 +377,12 @@ def test_2d_model_segments_volumes_and_refuses_single_slices(trained, tmp_path):
     from lowlabel.segment import check_scan, segment
 
     dataset = trained["root"] / "data" / "dataset.json"
-    cfg = load_config(None, tiny_overrides(dataset, tmp_path / "runs", **{
-        "data.spatial_dims": 2, "data.patch_size": [16, 16]}))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            dataset, tmp_path / "runs", **{"data.spatial_dims": 2, "data.patch_size": [16, 16]}
+        ),
+    )
     model = load(export(fit(cfg, progress=False).run_dir, tmp_path / "model2d"))
     image, _ = phantom((30, 28, 12), seed=41)
     path = write(tmp_path / "v.nii.gz", image, np.diag([1.0, 1.0, 3.0, 1.0]))
@@ -356,10 +399,23 @@ def test_the_real_command_prints_one_line_for_a_garbage_nifti(trained, tmp_path)
     nothing of the test's logging set-up hides a stray line)."""
     garbage = tmp_path / "garbage.nii.gz"
     garbage.write_bytes(gzip.compress(b"not a NIfTI header at all " * 30))
-    proc = subprocess.run([sys.executable, "-m", "lowlabel.cli", "segment", str(trained["bundle"]),
-                           str(garbage), "-o", str(tmp_path / "out"), "--quiet"],
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lowlabel.cli",
+            "segment",
+            str(trained["bundle"]),
+            str(garbage),
+            "-o",
+            str(tmp_path / "out"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith(f"error: {garbage}: cannot read NIfTI (corrupt")

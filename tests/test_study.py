@@ -19,27 +19,53 @@ from lowlabel.study import spec as study_spec
 from lowlabel.study.stats import paired, summarize
 
 # Smoke settings for a shipped study on the tiny phantoms: 2 steps per run, 1 mm, one seed.
-SMOKE = {"data.spacing": [1.0, 1.0, 1.0], "data.n_test": 2, "data.n_val": 1,
-         "model.channels": 4, "train.steps": 2, "train.val_every": 1, "pretrain.steps": 2,
-         "pretrain.save_steps": [1, 2], "train.threads": 1}
+SMOKE = {
+    "data.spacing": [1.0, 1.0, 1.0],
+    "data.n_test": 2,
+    "data.n_val": 1,
+    "model.channels": 4,
+    "train.steps": 2,
+    "train.val_every": 1,
+    "pretrain.steps": 2,
+    "pretrain.save_steps": [1, 2],
+    "train.threads": 1,
+}
 
 
 def write_study(path: Path, dataset: Path | None = None, **changes) -> Path:
     """A small study: 2 x 2 grid of depth and budget, plus a one-axis table, two seeds."""
     study = {
         "name": "tiny",
-        "base": {"data.patch_size": [16, 16, 16], "model.channels": 4, "train.steps": 2,
-                 "train.val_every": 1, "data.n_test": 2, "data.n_val": 1, "train.threads": 1,
-                 **({"data.dataset": str(dataset)} if dataset else {})},
+        "base": {
+            "data.patch_size": [16, 16, 16],
+            "model.channels": 4,
+            "train.steps": 2,
+            "train.val_every": 1,
+            "data.n_test": 2,
+            "data.n_val": 1,
+            "train.threads": 1,
+            **({"data.dataset": str(dataset)} if dataset else {}),
+        },
         "seeds": [0, 1],
-        "axes": {"depth": {"3-level": {"model.levels": 3}, "2x": {"model.levels": 3,
-                                                                 "model.num_res_units": 1}},
-                 "data": {"full": {"data.budget": 0}, "low": {"data.budget": 2}}},
-        "tables": {"grid": {"axes": ["depth", "data"]},
-                   "again": {"axes": ["data"], "set": {"model.levels": 3}}},
-        "comparisons": [{"name": "full vs low", "table": "grid",
-                         "a": {"depth": "3-level", "data": "full"},
-                         "b": {"depth": "3-level", "data": "low"}}],
+        "axes": {
+            "depth": {
+                "3-level": {"model.levels": 3},
+                "2x": {"model.levels": 3, "model.num_res_units": 1},
+            },
+            "data": {"full": {"data.budget": 0}, "low": {"data.budget": 2}},
+        },
+        "tables": {
+            "grid": {"axes": ["depth", "data"]},
+            "again": {"axes": ["data"], "set": {"model.levels": 3}},
+        },
+        "comparisons": [
+            {
+                "name": "full vs low",
+                "table": "grid",
+                "a": {"depth": "3-level", "data": "full"},
+                "b": {"depth": "3-level", "data": "low"},
+            }
+        ],
     }
     if "tables" in changes:
         study["comparisons"] = []  # they name the default tables
@@ -86,22 +112,36 @@ def test_profile_scales_steps(tmp_path):
     transfer = [c for c in quick if "2b" in c.labels]
     assert all(c.cfg.train.steps == 20 for c in transfer)  # 500 * 0.01, raised to min_train_steps
     assert {c.needs for c in transfer if c.needs} == {("autoencoder", 30), ("genesis", 30)}
-    big = next(c for c in paper.values() if c.labels.get("1a") == {"model": "3-level",
-                                                                    "data": "full"})
+    big = next(
+        c for c in paper.values() if c.labels.get("1a") == {"model": "3-level", "data": "full"}
+    )
     assert big.cfg.train.steps == 5000 and big.cfg.data.patch_size == (96, 96, 96)
     assert big.cfg.train.batch_size == 16 and big.cfg.train.val_every == 50
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"tables": {"t": {"axes": ["nope"]}}}, "unknown axis 'nope'"),
-    ({"axes": {"depth": {"x": {"model.levelz": 3}}}, "tables": {"t": {"axes": ["depth"]}}},
-     "unknown config key 'model.levelz'"),
-    ({"tables": {"t": {"axes": ["data"], "set": {"transfer.mode": "frozen",
-                                                   "transfer.init_from": "@ae"}}}},
-     "names no pretraining run"),
-    ({"profiles": {"fast": {}}}, "unknown profile 'fast'"),
-    ({"comparisons": [{"table": "grid", "a": {"depth": "9"}, "b": {}}]}, "has no level '9'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"tables": {"t": {"axes": ["nope"]}}}, "unknown axis 'nope'"),
+        (
+            {"axes": {"depth": {"x": {"model.levelz": 3}}}, "tables": {"t": {"axes": ["depth"]}}},
+            "unknown config key 'model.levelz'",
+        ),
+        (
+            {
+                "tables": {
+                    "t": {
+                        "axes": ["data"],
+                        "set": {"transfer.mode": "frozen", "transfer.init_from": "@ae"},
+                    }
+                }
+            },
+            "names no pretraining run",
+        ),
+        ({"profiles": {"fast": {}}}, "unknown profile 'fast'"),
+        ({"comparisons": [{"table": "grid", "a": {"depth": "9"}, "b": {}}]}, "has no level '9'"),
+    ],
+)
 def test_bad_study_is_refused_before_running(tmp_path, tiny_dataset, change, message):
     path = write_study(tmp_path / "bad.yaml", tiny_dataset, **change)
     with pytest.raises(LowlabelError, match=message):
@@ -109,28 +149,45 @@ def test_bad_study_is_refused_before_running(tmp_path, tiny_dataset, change, mes
     assert not (tmp_path / "st").exists()
 
 
-@pytest.mark.parametrize("level, message", [
-    # 32 mm phantoms at 4 mm are 8 voxels: a 5-level UNet needs 16
-    ({"model.levels": 5, "data.spacing": [4, 4, 4], "data.patch_size": [32, 32, 32]},
-     "5-level UNet needs at least 16 voxels"),
-    # a 16-voxel patch leaves 1 voxel at the bottom of a 5-level UNet
-    ({"model.levels": 5}, "leaves a single voxel at the bottom of a 5-level UNet"),
-])
+@pytest.mark.parametrize(
+    "level, message",
+    [
+        # 32 mm phantoms at 4 mm are 8 voxels: a 5-level UNet needs 16
+        (
+            {"model.levels": 5, "data.spacing": [4, 4, 4], "data.patch_size": [32, 32, 32]},
+            "5-level UNet needs at least 16 voxels",
+        ),
+        # a 16-voxel patch leaves 1 voxel at the bottom of a 5-level UNet
+        ({"model.levels": 5}, "leaves a single voxel at the bottom of a 5-level UNet"),
+    ],
+)
 def test_unet_deeper_than_the_scan_is_refused(tmp_path, tiny_dataset, level, message):
-    path = write_study(tmp_path / "deep.yaml", tiny_dataset, axes={"depth": {"5": level}},
-                       tables={"t": {"axes": ["depth"]}})
+    path = write_study(
+        tmp_path / "deep.yaml",
+        tiny_dataset,
+        axes={"depth": {"5": level}},
+        tables={"t": {"axes": ["depth"]}},
+    )
     cells = study_spec.expand(study_spec.load_study(path), "quick", None, tmp_path / "st")
     with pytest.raises(LowlabelError, match=message):
         study_spec.check(cells)
 
 
 def test_missing_pretraining_cell_is_refused(tmp_path, tiny_dataset):
-    study = study_spec.load_study(write_study(
-        tmp_path / "t.yaml", tiny_dataset,
-        pretraining={"ae": {"model.levels": 3, "pretrain.steps": 2}},
-        tables={"t": {"axes": ["data"], "set": {"transfer.mode": "frozen",
-                                                 "transfer.init_from": "@ae"}}},
-        comparisons=[]))
+    study = study_spec.load_study(
+        write_study(
+            tmp_path / "t.yaml",
+            tiny_dataset,
+            pretraining={"ae": {"model.levels": 3, "pretrain.steps": 2}},
+            tables={
+                "t": {
+                    "axes": ["data"],
+                    "set": {"transfer.mode": "frozen", "transfer.init_from": "@ae"},
+                }
+            },
+            comparisons=[],
+        )
+    )
     cells = study_spec.expand(study, "quick", None, tmp_path / "st")
     assert all(c.needs == ("ae", 2) for c in cells if c.kind == "train")
     with pytest.raises(LowlabelError, match="pretraining run that is not part of this study"):
@@ -158,8 +215,9 @@ def test_paired_difference_and_verdict():
     assert d.pairs == ["0", "1", "2", "3"] and d.diff.n == 4
     assert d.diff.mean == pytest.approx(0.1025)
     assert d.diff.ci_low > 0 and d.verdict.startswith("holds")
-    noisy = paired("x", "mean_dice", {"0": 0.8, "1": 0.7, "2": 0.9}, {"0": 0.75, "1": 0.8,
-                                                                      "2": 0.85})
+    noisy = paired(
+        "x", "mean_dice", {"0": 0.8, "1": 0.7, "2": 0.9}, {"0": 0.75, "1": 0.8, "2": 0.85}
+    )
     assert noisy.diff.ci_low < 0 < noisy.diff.ci_high
     assert noisy.verdict.startswith("within noise")
     assert "no conclusion" in paired("y", "m", {"0": 1.0}, {"0": 0.0}).verdict
@@ -188,15 +246,17 @@ def _runs_csv(study_dir: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("name", sorted(study_spec.builtin_studies()))
-def test_shipped_study_smoke_run_then_rerun_finishes_only_missing(name, tmp_path, tiny_dataset,
-                                                                  monkeypatch, capsys):
+def test_shipped_study_smoke_run_then_rerun_finishes_only_missing(
+    name, tmp_path, tiny_dataset, monkeypatch, capsys
+):
     """Every shipped study runs 2 steps per cell on the tiny phantoms; a rerun after damage
     redoes exactly the damaged runs, and the report lists every run once."""
     from lowlabel.study.runner import run_study
 
     out = tmp_path / "study"
-    first = run_study(name, "quick", str(tiny_dataset), out, seeds=[0], overrides=SMOKE, jobs=2,
-                      progress=False)
+    first = run_study(
+        name, "quick", str(tiny_dataset), out, seeds=[0], overrides=SMOKE, jobs=2, progress=False
+    )
     assert first.failed == {} and first.ran == first.runs and first.skipped == 0
     plan = json.loads((out / "plan.json").read_text())
     folders = {Path(c["run_dir"]) for c in plan["cells"]}
@@ -216,7 +276,7 @@ def test_shipped_study_smoke_run_then_rerun_finishes_only_missing(name, tmp_path
     for table in plan["tables"].values():
         assert table["title"] in report
     assert page.count("<table>") >= len(plan["tables"]) and "data:image/png;base64," in page
-    assert "src=\"figures/" not in page  # self-contained
+    assert 'src="figures/' not in page  # self-contained
     if shutil.which("chromium"):  # the page renders in a real browser, tables and images shown
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
         from check_report_html import check
@@ -232,10 +292,22 @@ def test_shipped_study_smoke_run_then_rerun_finishes_only_missing(name, tmp_path
     for item in missing.iterdir():
         item.unlink()
     missing.rmdir()
-    untouched = {f: (f / "result.json").stat().st_mtime_ns for f in folders
-                 if f not in (interrupted, missing)}
-    second = run_study(name, "quick", str(tiny_dataset), out, seeds=[0], overrides=SMOKE, jobs=2,
-                       progress=False, report=False)
+    untouched = {
+        f: (f / "result.json").stat().st_mtime_ns
+        for f in folders
+        if f not in (interrupted, missing)
+    }
+    second = run_study(
+        name,
+        "quick",
+        str(tiny_dataset),
+        out,
+        seeds=[0],
+        overrides=SMOKE,
+        jobs=2,
+        progress=False,
+        report=False,
+    )
     assert second.ran == 2 and second.skipped == first.runs - 2 and second.failed == {}
     assert all((f / "result.json").stat().st_mtime_ns == t for f, t in untouched.items())
     assert (interrupted / "result.json").exists() and (missing / "result.json").exists()
@@ -256,12 +328,15 @@ def test_cli_study_list(monkeypatch, capsys):
     assert code == 0 and text.startswith("seed:") and "1a" in text
 
 
-@pytest.mark.parametrize("content, message", [
-    ("name: [unclosed", "not valid YAML"),
-    ("tables: {t: {axes: [nope]}}", "unknown axis 'nope'"),
-    ("tables: {t: {set: {train.stepz: 3}}}", "unknown config key 'train.stepz'"),
-    ("colour: red\ntables: {t: {}}", "unknown study key 'colour'"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("name: [unclosed", "not valid YAML"),
+        ("tables: {t: {axes: [nope]}}", "unknown axis 'nope'"),
+        ("tables: {t: {set: {train.stepz: 3}}}", "unknown config key 'train.stepz'"),
+        ("colour: red\ntables: {t: {}}", "unknown study key 'colour'"),
+    ],
+)
 def test_cli_bad_study_file_exits_2(tmp_path, monkeypatch, capsys, content, message):
     path = tmp_path / "bad.yaml"
     path.write_text(content)
@@ -296,11 +371,16 @@ def test_mlflow_logs_each_run(tmp_path, tiny_dataset):
     mlflow = pytest.importorskip("mlflow")
     from lowlabel.study.runner import run_study
 
-    path = write_study(tmp_path / "t.yaml", tiny_dataset, seeds=[0],
-                       tables={"t": {"set": {"model.levels": 3, "data.budget": 2}}})
+    path = write_study(
+        tmp_path / "t.yaml",
+        tiny_dataset,
+        seeds=[0],
+        tables={"t": {"set": {"model.levels": 3, "data.budget": 2}}},
+    )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = run_study(path, study_dir=tmp_path / "st", mlflow_uri=uri, jobs=2, progress=False,
-                       report=False)
+    result = run_study(
+        path, study_dir=tmp_path / "st", mlflow_uri=uri, jobs=2, progress=False, report=False
+    )
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["st"])
     assert len(runs) == result.runs == 1

@@ -21,15 +21,27 @@ def test_ray_backend_runs_the_study_and_reruns_nothing(tmp_path, tiny_dataset, l
     from lowlabel.study.runner import run_study
 
     study = tmp_path / "tiny.yaml"
-    study.write_text(yaml.safe_dump({
-        "name": "tiny",
-        "base": {"data.dataset": str(tiny_dataset), "data.patch_size": [16, 16, 16],
-                 "data.n_test": 2, "data.n_val": 1, "model.levels": 3, "model.channels": 4,
-                 "train.steps": 2, "train.val_every": 1, "train.threads": 1},
-        "seeds": [0],
-        "axes": {"data": {"full": {"data.budget": 0}, "low": {"data.budget": 2}}},
-        "tables": {"t": {"title": "full vs low", "axes": ["data"]}},
-    }))
+    study.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny",
+                "base": {
+                    "data.dataset": str(tiny_dataset),
+                    "data.patch_size": [16, 16, 16],
+                    "data.n_test": 2,
+                    "data.n_val": 1,
+                    "model.levels": 3,
+                    "model.channels": 4,
+                    "train.steps": 2,
+                    "train.val_every": 1,
+                    "train.threads": 1,
+                },
+                "seeds": [0],
+                "axes": {"data": {"full": {"data.budget": 0}, "low": {"data.budget": 2}}},
+                "tables": {"t": {"title": "full vs low", "axes": ["data"]}},
+            }
+        )
+    )
     out = tmp_path / "study"
     result = run_study(study, study_dir=out, backend="ray", jobs=2, progress=False)
     assert result.failed == {} and result.runs == result.ran == 2

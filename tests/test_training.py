@@ -40,7 +40,8 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert_same_weights(a / "best.safetensors", b / "best.safetensors")
     assert_same_weights(a / "last.safetensors", b / "last.safetensors")
     assert json.loads((a / "evaluation.json").read_text()) == json.loads(
-        (b / "evaluation.json").read_text())
+        (b / "evaluation.json").read_text()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,8 @@ class ScriptedValidation:
     ],
 )
 def test_early_stopping_counts_validations_and_restores_best_weights(
-        dataset, tmp_path, monkeypatch, dice, patience, min_delta, stop_at, best_at):
+    dataset, tmp_path, monkeypatch, dice, patience, min_delta, stop_at, best_at
+):
     scripted = ScriptedValidation(dice)
     monkeypatch.setattr(loop, "validate", scripted)
     evaluated = {}
@@ -94,8 +96,16 @@ def test_early_stopping_counts_validations_and_restores_best_weights(
         return {"summary": {"mean_dice": 0.0}}
 
     monkeypatch.setattr(loop, "evaluate_model", fake_evaluate)
-    cfg = _cfg(dataset, tmp_path, **{"train.steps": 8, "train.val_every": 1,
-                                     "train.patience": patience, "train.min_delta": min_delta})
+    cfg = _cfg(
+        dataset,
+        tmp_path,
+        **{
+            "train.steps": 8,
+            "train.val_every": 1,
+            "train.patience": patience,
+            "train.min_delta": min_delta,
+        },
+    )
     result = fit(cfg, progress=False)
 
     assert len(scripted.seen) == stop_at
@@ -114,16 +124,25 @@ def test_early_stopping_counts_validations_and_restores_best_weights(
         assert torch.equal(best[key], value), key
         assert torch.equal(evaluated[key], value), key
     # ... and training did move them afterwards, so restoring them was not a no-op
-    assert any(not torch.equal(scripted.seen[-1][k], snapshot[k]) for k in snapshot
-               if snapshot[k].is_floating_point()) or stop_at == best_at
+    assert (
+        any(
+            not torch.equal(scripted.seen[-1][k], snapshot[k])
+            for k in snapshot
+            if snapshot[k].is_floating_point()
+        )
+        or stop_at == best_at
+    )
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
 
 
 def test_checkpoint_round_trip(tmp_path):
-    tensors = {"model.w": torch.randn(3, 4), "model.b": torch.arange(5),
-               "optim.0.exp_avg": torch.randn(2, dtype=torch.float64)}
+    tensors = {
+        "model.w": torch.randn(3, 4),
+        "model.b": torch.arange(5),
+        "optim.0.exp_avg": torch.randn(2, dtype=torch.float64),
+    }
     meta = {"kind": "train", "step": 7, "config": {"seed": 3}, "val_dice": 0.5}
     checkpoint.save(tmp_path / "c.safetensors", tensors, meta)
     loaded, loaded_meta = checkpoint.load(tmp_path / "c.safetensors")
@@ -174,8 +193,15 @@ def test_run_checkpoints_describe_themselves(reference):
     best = checkpoint.split(load_file(str(out / "best.safetensors")), "model")
     for key, value in model.state_dict().items():
         assert torch.equal(value, best[key])
-    for name in ("config.yaml", "splits.json", "metrics.jsonl", "evaluation.csv",
-                 "evaluation.json", "provenance.json", "result.json"):
+    for name in (
+        "config.yaml",
+        "splits.json",
+        "metrics.jsonl",
+        "evaluation.csv",
+        "evaluation.json",
+        "provenance.json",
+        "result.json",
+    ):
         assert (out / name).is_file(), name
     assert RunResult.load(out / "result.json") == result
 
@@ -250,7 +276,8 @@ def test_resume_of_a_finished_run_reuses_it(reference, monkeypatch):
 
 
 def test_a_run_that_stopped_early_and_crashed_in_evaluation_resumes_without_training(
-        dataset, tmp_path, monkeypatch):
+    dataset, tmp_path, monkeypatch
+):
     monkeypatch.setattr(loop, "validate", ScriptedValidation([0.2, 0.5, 0.4, 0.45, 0.9, 0.9]))
 
     def crash(*args):

@@ -61,8 +61,12 @@ def preprocessing_parameters(cfg: RunConfig) -> dict:
         "intensity": "z-score over nonzero voxels",
         "spatial_dims": d.spatial_dims,
         "window": list(patch_shape(d)),
-        "sliding_window": {"overlap": cfg.train.sw_overlap, "batch_size": cfg.train.sw_batch_size,
-                           "mode": "gaussian", "bf16": cfg.train.bf16},
+        "sliding_window": {
+            "overlap": cfg.train.sw_overlap,
+            "batch_size": cfg.train.sw_batch_size,
+            "mode": "gaussian",
+            "bf16": cfg.train.bf16,
+        },
         "label_map": {str(k): v for k, v in d.label_map.items()} if d.label_map else None,
     }
 
@@ -100,8 +104,9 @@ def export(run_dir: str | Path, model_dir: str | Path) -> Path:
     result = _read_json(run_dir / "result.json")
     trained = _read_json(run_dir / "provenance.json") or {}
     if result is None:
-        log.warning("%s: run has no result.json (unfinished?); exporting its best weights so far",
-                    run_dir)
+        log.warning(
+            "%s: run has no result.json (unfinished?); exporting its best weights so far", run_dir
+        )
     test = (result or {}).get("test") or None
     info = {
         "format": FORMAT,
@@ -120,20 +125,28 @@ def export(run_dir: str | Path, model_dir: str | Path) -> Path:
             "steps": (result or {}).get("steps"),
             "best_step": weights_meta.get("step"),
             "val_dice": weights_meta.get("val_dice"),
-            "test_metrics": ({k: v for k, v in test.items() if not k.endswith("_sd")}
-                             if test else None),
-            "trained_with": {k: trained.get(k)
-                             for k in ("lowlabel", "git_revision", "torch", "monai")},
+            "test_metrics": (
+                {k: v for k, v in test.items() if not k.endswith("_sd")} if test else None
+            ),
+            "trained_with": {
+                k: trained.get(k) for k in ("lowlabel", "git_revision", "torch", "monai")
+            },
         },
-        "exported_with": {k: v for k, v in provenance().items()
-                          if k in ("lowlabel", "git_revision", "torch", "monai", "python")},
+        "exported_with": {
+            k: v
+            for k, v in provenance().items()
+            if k in ("lowlabel", "git_revision", "torch", "monai", "python")
+        },
         "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=model_dir.parent, prefix=f".{model_dir.name}."))
     try:
-        checkpoint.save(tmp / WEIGHTS, {f"model.{k}": v for k, v in model.state_dict().items()},
-                        {"kind": "bundle", "config": to_dict(cfg)})
+        checkpoint.save(
+            tmp / WEIGHTS,
+            {f"model.{k}": v for k, v in model.state_dict().items()},
+            {"kind": "bundle", "config": to_dict(cfg)},
+        )
         write_text(tmp / CONFIG, dump_yaml(cfg))
         write_json(tmp / INFO, info)
         os.chmod(tmp, 0o755)
@@ -158,23 +171,29 @@ def load(model_dir: str | Path) -> Bundle:
     path = Path(model_dir)
     if not path.is_dir():
         raise LowlabelError(
-            f"{path}: model folder not found; give the folder 'lowlabel export' wrote")
+            f"{path}: model folder not found; give the folder 'lowlabel export' wrote"
+        )
     info_path = path / INFO
     if not info_path.is_file():
-        hint = ("this is a training run; make a bundle with 'lowlabel export RUN_DIR -o MODEL_DIR'"
-                if (path / "best.safetensors").is_file() else
-                "make one with 'lowlabel export RUN_DIR -o MODEL_DIR'")
+        hint = (
+            "this is a training run; make a bundle with 'lowlabel export RUN_DIR -o MODEL_DIR'"
+            if (path / "best.safetensors").is_file()
+            else "make one with 'lowlabel export RUN_DIR -o MODEL_DIR'"
+        )
         raise LowlabelError(f"{path}: not a lowlabel model folder (no {INFO}); {hint}")
     try:
         info = json.loads(info_path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         raise LowlabelError(
-            f"{info_path}: not valid JSON; the model folder is damaged, re-export it") from None
+            f"{info_path}: not valid JSON; the model folder is damaged, re-export it"
+        ) from None
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise LowlabelError(f"{info_path}: not a lowlabel bundle description; re-export the model")
     if info.get("version", 0) > VERSION:
-        raise LowlabelError(f"{path}: bundle version {info.get('version')} is newer than this "
-                            f"lowlabel reads ({VERSION}); upgrade lowlabel")
+        raise LowlabelError(
+            f"{path}: bundle version {info.get('version')} is newer than this "
+            f"lowlabel reads ({VERSION}); upgrade lowlabel"
+        )
     cfg_path = path / CONFIG
     if not cfg_path.is_file():
         raise LowlabelError(f"{cfg_path}: missing; the model folder is incomplete, re-export it")
@@ -195,6 +214,7 @@ def load(model_dir: str | Path) -> Bundle:
         model.load_state_dict(checkpoint.split(tensors, "model"))
     except RuntimeError:
         raise LowlabelError(
-            f"{weights}: weights do not fit {cfg_path}; re-export the model") from None
+            f"{weights}: weights do not fit {cfg_path}; re-export the model"
+        ) from None
     model.eval()
     return Bundle(path=path, cfg=cfg, model=model, info=info)

@@ -29,7 +29,9 @@ app.add_typer(data_app, name="data")
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="Override a config key, e.g. --set train.steps=500 (repeatable)."),
+    typer.Option(
+        "--set", "-s", help="Override a config key, e.g. --set train.steps=500 (repeatable)."
+    ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
@@ -46,11 +48,24 @@ def _load(config: Path | None, overrides: list[str] | None, extra: dict | None =
 def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    data: Annotated[str | None, typer.Option("--data", help="dataset.json or folder (default: the demo cohort).")] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for runs (default: runs/).")] = None,
-    init_from: Annotated[Path | None, typer.Option("--init-from", help="Pretrained checkpoint or pretraining run folder.")] = None,
-    transfer: Annotated[str | None, typer.Option("--transfer", help="scratch, frozen, finetune or gradual.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run (or reuse a finished one).")] = False,
+    data: Annotated[
+        str | None,
+        typer.Option("--data", help="dataset.json or folder (default: the demo cohort)."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Folder for runs (default: runs/).")
+    ] = None,
+    init_from: Annotated[
+        Path | None,
+        typer.Option("--init-from", help="Pretrained checkpoint or pretraining run folder."),
+    ] = None,
+    transfer: Annotated[
+        str | None, typer.Option("--transfer", help="scratch, frozen, finetune or gradual.")
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue an interrupted run (or reuse a finished one)."),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Train a segmentation UNet under a label budget and evaluate it on the test split."""
@@ -73,31 +88,50 @@ def train(
 
 def _print_result(result) -> None:
     test = result.test
-    line = (f"run {result.run_dir}: {result.steps} steps (best {result.best_step}), "
-            f"val Dice {result.best_val_dice:.3f}")
+    line = (
+        f"run {result.run_dir}: {result.steps} steps (best {result.best_step}), "
+        f"val Dice {result.best_val_dice:.3f}"
+    )
     if test:
-        line += (f"; test Dice {test['mean_dice']:.3f} (CSF {test['dice_csf']:.3f}, "
-                 f"GM {test['dice_gm']:.3f}, WM {test['dice_wm']:.3f})")
+        line += (
+            f"; test Dice {test['mean_dice']:.3f} (CSF {test['dice_csf']:.3f}, "
+            f"GM {test['dice_gm']:.3f}, WM {test['dice_wm']:.3f})"
+        )
     typer.echo(line)
 
 
 @app.command()
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
-    data: Annotated[str | None, typer.Option("--data", help="Evaluate on all subjects of this dataset instead of the run's test split.")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data",
+            help="Evaluate on all subjects of this dataset instead of the run's test split.",
+        ),
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Evaluate a run's best weights at native resolution (Dice, HD95, volume error)."""
     from lowlabel.engine.runs import evaluate_run
 
     summary = evaluate_run(run_dir, data, progress=not quiet)
-    typer.echo(json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                           for k, v in summary.items() if not k.endswith("_sd")}))
+    typer.echo(
+        json.dumps(
+            {
+                k: round(v, 4) if isinstance(v, float) else v
+                for k, v in summary.items()
+                if not k.endswith("_sd")
+            }
+        )
+    )
 
 
 @data_app.command("check")
 def data_check(
-    dataset: Annotated[Path, typer.Argument(help="dataset.json or folder with images/ and labels/.")],
+    dataset: Annotated[
+        Path, typer.Argument(help="dataset.json or folder with images/ and labels/.")
+    ],
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -107,24 +141,34 @@ def data_check(
     cfg = _load(config, set_)
     report = check_dataset(dataset, cfg.data.label_map)
     subjects = report["subjects"]
-    typer.echo(f"{report['source']}: {len(subjects)} labelled subjects readable, "
-               f"{report['unlabelled']} unlabelled images")
+    typer.echo(
+        f"{report['source']}: {len(subjects)} labelled subjects readable, "
+        f"{report['unlabelled']} unlabelled images"
+    )
     if subjects:
         shapes = sorted({tuple(s["shape"]) for s in subjects})
         spacings = sorted({tuple(s["spacing"]) for s in subjects})
         counts = [sum(s["label_counts"][i] for s in subjects) for i in range(4)]
         total = max(sum(counts), 1)
-        typer.echo(f"  shapes: {', '.join('x'.join(map(str, s)) for s in shapes[:6])}"
-                   + (" ..." if len(shapes) > 6 else ""))
+        typer.echo(
+            f"  shapes: {', '.join('x'.join(map(str, s)) for s in shapes[:6])}"
+            + (" ..." if len(shapes) > 6 else "")
+        )
         typer.echo(f"  spacings (mm): {', '.join('x'.join(map(str, s)) for s in spacings[:6])}")
-        typer.echo("  labels: " + ", ".join(
-            f"{n} {100 * c / total:.1f}%" for n, c in zip(("bg", "CSF", "GM", "WM"), counts, strict=True)))
+        typer.echo(
+            "  labels: "
+            + ", ".join(
+                f"{n} {100 * c / total:.1f}%"
+                for n, c in zip(("bg", "CSF", "GM", "WM"), counts, strict=True)
+            )
+        )
     for problem in report["problems"]:
         typer.echo(f"  problem: {problem}")
     if report["problems"]:
         # the one error line names the first offending file; the others are listed above
-        raise LowlabelError(f"{len(report['problems'])} problem(s) in {dataset}, the first: "
-                            f"{report['problems'][0]}")
+        raise LowlabelError(
+            f"{len(report['problems'])} problem(s) in {dataset}, the first: {report['problems'][0]}"
+        )
 
 
 @data_app.command("demo")
@@ -151,9 +195,17 @@ def data_demo(
 def pretrain(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    data: Annotated[str | None, typer.Option("--data", help="dataset.json or folder (default: the demo cohort).")] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for runs (default: runs/).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run (or reuse a finished one).")] = False,
+    data: Annotated[
+        str | None,
+        typer.Option("--data", help="dataset.json or folder (default: the demo cohort)."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Folder for runs (default: runs/).")
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue an interrupted run (or reuse a finished one)."),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Pretrain a UNet on the training pool's images (labels ignored) and the unlabelled scans.
@@ -170,26 +222,63 @@ def pretrain(
     from lowlabel.engine.pretrain import pretrain as run_pretrain
 
     result = run_pretrain(cfg, resume=resume, progress=not quiet)
-    typer.echo(f"run {result.run_dir}: {result.steps} steps, train loss {result.train_loss:.4f}, "
-               f"val MSE {result.val_mse:.4f}, val MAE {result.val_mae:.4f}")
+    typer.echo(
+        f"run {result.run_dir}: {result.steps} steps, train loss {result.train_loss:.4f}, "
+        f"val MSE {result.val_mse:.4f}, val MAE {result.val_mae:.4f}"
+    )
     for step, path in result.checkpoints.items():
         typer.echo(f"  checkpoint {step}: {path}")
     if result.figure:
         typer.echo(f"  reconstructions: {result.figure}")
+
 
 # --- study and report commands ---
 
 
 @app.command(name="study")
 def study_cmd(
-    study: Annotated[str, typer.Argument(help="A built-in study name (see 'lowlabel study list'), a study YAML file, or 'list'.")],
-    data: Annotated[str | None, typer.Option("--data", help="dataset.json or folder for every run (default: the demo cohort).")] = None,
-    profile: Annotated[str, typer.Option("--profile", "-p", help="quick (demo, minutes), cpu (an hour on 2 cores) or paper (original scale, GPU).")] = "quick",
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Study folder (default: studies/<name>-<profile>).")] = None,
-    backend: Annotated[str, typer.Option("--backend", help="local (worker processes) or ray.")] = "local",
-    address: Annotated[str | None, typer.Option("--address", help="Ray cluster address (with --backend ray).")] = None,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Runs at once (0: one per core); each gets cores // jobs threads.")] = 0,
-    mlflow: Annotated[str | None, typer.Option("--mlflow", help="Log every run to this MLflow URI, e.g. sqlite:///mlflow.db.")] = None,
+    study: Annotated[
+        str,
+        typer.Argument(
+            help="A built-in study name (see 'lowlabel study list'), a study YAML file, or 'list'."
+        ),
+    ],
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data", help="dataset.json or folder for every run (default: the demo cohort)."
+        ),
+    ] = None,
+    profile: Annotated[
+        str,
+        typer.Option(
+            "--profile",
+            "-p",
+            help="quick (demo, minutes), cpu (an hour on 2 cores) or paper (original scale, GPU).",
+        ),
+    ] = "quick",
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Study folder (default: studies/<name>-<profile>)."),
+    ] = None,
+    backend: Annotated[
+        str, typer.Option("--backend", help="local (worker processes) or ray.")
+    ] = "local",
+    address: Annotated[
+        str | None, typer.Option("--address", help="Ray cluster address (with --backend ray).")
+    ] = None,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            "--jobs", "-j", help="Runs at once (0: one per core); each gets cores // jobs threads."
+        ),
+    ] = 0,
+    mlflow: Annotated[
+        str | None,
+        typer.Option(
+            "--mlflow", help="Log every run to this MLflow URI, e.g. sqlite:///mlflow.db."
+        ),
+    ] = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -203,30 +292,47 @@ def study_cmd(
 
         for name, path in builtin_studies().items():
             spec = load_study(path)
-            typer.echo(f"{name}: {len(spec.tables)} tables ({', '.join(spec.tables)}); "
-                       f"profiles {', '.join(spec.profiles)}; {path}")
+            typer.echo(
+                f"{name}: {len(spec.tables)} tables ({', '.join(spec.tables)}); "
+                f"profiles {', '.join(spec.profiles)}; {path}"
+            )
         return
     from lowlabel.config import parse_set
     from lowlabel.study.runner import run_study
 
-    result = run_study(study, profile=profile, data=data, study_dir=out, backend=backend,
-                       address=address, jobs=jobs, mlflow_uri=mlflow,
-                       overrides=parse_set(set_), progress=not quiet)
-    typer.echo(f"study {result.study_dir}: {result.runs} runs ({result.ran} ran, "
-               f"{result.skipped} already finished) in {result.seconds:.0f} s; "
-               f"report: {result.report}")
+    result = run_study(
+        study,
+        profile=profile,
+        data=data,
+        study_dir=out,
+        backend=backend,
+        address=address,
+        jobs=jobs,
+        mlflow_uri=mlflow,
+        overrides=parse_set(set_),
+        progress=not quiet,
+    )
+    typer.echo(
+        f"study {result.study_dir}: {result.runs} runs ({result.ran} ran, "
+        f"{result.skipped} already finished) in {result.seconds:.0f} s; "
+        f"report: {result.report}"
+    )
 
 
 @app.command()
 def report(
     study_dir: Annotated[Path, typer.Argument(help="A study folder written by 'lowlabel study'.")],
-    no_overlays: Annotated[bool, typer.Option("--no-overlays", help="Skip the segmentation overlays (no model is loaded).")] = False,
+    no_overlays: Annotated[
+        bool,
+        typer.Option("--no-overlays", help="Skip the segmentation overlays (no model is loaded)."),
+    ] = False,
 ) -> None:
-    """Rebuild a study's report (report.md, report.html, runs.csv) from its runs, without training."""
+    """Rebuild a study's report (report.md, report.html, runs.csv) without training."""
     from lowlabel.study.report import build_report
 
     path = build_report(study_dir, overlays_on=not no_overlays)
     typer.echo(f"report: {path} and {path.with_suffix('.md')}")
+
 
 # --- export and segment commands ---
 
@@ -247,8 +353,9 @@ def segment(
     model_dir: Annotated[Path, typer.Argument(help="A model bundle made by 'lowlabel export'.")],
     inputs: Annotated[list[Path], typer.Argument(help="NIfTI scans or folders of them.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for label maps, volumes.csv.")],
-    probabilities: Annotated[bool, typer.Option(
-        "--probabilities", help="Also write one probability map per tissue.")] = False,
+    probabilities: Annotated[
+        bool, typer.Option("--probabilities", help="Also write one probability map per tissue.")
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Segment scans into CSF, GM and WM on each scan's own grid; tissue volumes in volumes.csv."""
@@ -261,16 +368,25 @@ def segment(
 
     result = segment_scans(model_dir, inputs, out, probabilities=probabilities, progress=not quiet)
     if result.rows:
-        typer.echo(f"segmented {len(result.rows)} scan(s) into {out}; "
-                   f"volumes in {result.volumes_csv}")
+        typer.echo(
+            f"segmented {len(result.rows)} scan(s) into {out}; volumes in {result.volumes_csv}"
+        )
     for line in result.errors:
         typer.echo(f"error: {line}", err=True)
     if result.errors:
         sys.exit(EXIT_USAGE)  # after the good scans are written; typer.Exit would be swallowed
 
 
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
-                 errno.ENOTDIR, errno.EEXIST, errno.EISDIR}
+_WRITE_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOTDIR,
+    errno.EEXIST,
+    errno.EISDIR,
+}
 
 
 def main() -> None:

@@ -279,8 +279,10 @@ def to_dict(cfg: Any) -> dict:
             return {k: plain(v) for k, v in value.items()}
         return value
 
-    return {k: plain(v) if not dataclasses.is_dataclass(v) else to_dict(v)
-            for k, v in ((f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg))}
+    return {
+        k: plain(v) if not dataclasses.is_dataclass(v) else to_dict(v)
+        for k, v in ((f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg))
+    }
 
 
 def from_dict(data: dict) -> RunConfig:
@@ -304,7 +306,7 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
 
 
 def parse_set(items: list[str] | None) -> dict[str, Any]:
-    """``["train.steps=10", "data.spacing=[2,2,2]"]`` -> ``{"train.steps": 10, ...}`` (YAML values)."""
+    """``["train.steps=10", "data.spacing=[2,2,2]"]`` -> ``{"train.steps": 10, ...}``."""
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
@@ -339,9 +341,11 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             raise LowlabelError(f"{path}: not valid YAML{where}; fix the syntax") from None
         if not isinstance(data, dict):
             raise LowlabelError(f"{path}: a config must be a mapping of sections")
-        dataset = data.get("data", {}).get("dataset") if isinstance(data.get("data"), dict) else None
+        dataset = (
+            data.get("data", {}).get("dataset") if isinstance(data.get("data"), dict) else None
+        )
         if isinstance(dataset, str) and not Path(dataset).is_absolute():
-            candidate = (path.parent / dataset)
+            candidate = path.parent / dataset
             if candidate.exists() and not Path(dataset).exists():
                 data["data"]["dataset"] = str(candidate)
     for key, value in (overrides or {}).items():
@@ -368,12 +372,20 @@ def validate(cfg: RunConfig) -> None:
             f"config key 'data.patch_size': {list(d.patch_size)} must be divisible by {factor} "
             f"for a {m.levels}-level network"
         )
-    for key, value in (("data.budget", d.budget), ("data.n_val", d.n_val), ("data.n_test", d.n_test),
-                       ("train.steps", t.steps), ("train.patience", t.patience)):
+    for key, value in (
+        ("data.budget", d.budget),
+        ("data.n_val", d.n_val),
+        ("data.n_test", d.n_test),
+        ("train.steps", t.steps),
+        ("train.patience", t.patience),
+    ):
         if value < 0:
             raise LowlabelError(f"config key '{key}': must be >= 0, got {value}")
-    for key, value in (("train.batch_size", t.batch_size), ("train.val_every", t.val_every),
-                       ("model.channels", m.channels)):
+    for key, value in (
+        ("train.batch_size", t.batch_size),
+        ("train.val_every", t.val_every),
+        ("model.channels", m.channels),
+    ):
         if value < 1:
             raise LowlabelError(f"config key '{key}': must be >= 1, got {value}")
     if d.label_map is not None:

@@ -1,8 +1,9 @@
 """The one user-facing error type.
 
 Anything the user can fix (a bad file, a bad config key, an impossible label budget) is raised as
-:class:`LowlabelError` with a one-line message that names the file or key and the fix. The CLI turns
-it into that line on stderr and exit status 2; every other exception is a bug and keeps its traceback.
+:class:`LowlabelError` with a one-line message that names the file or key and the fix. The CLI
+turns it into that line on stderr and exit status 2; every other exception is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations

@@ -20,12 +20,18 @@ def mid_slices(volume: np.ndarray) -> dict[str, np.ndarray]:
     """Axial, coronal and sagittal mid-slices of an ``(X, Y, Z)`` RAS volume, oriented for display
     (anterior or superior up)."""
     x, y, z = (s // 2 for s in volume.shape)
-    return {"axial": np.rot90(volume[:, :, z]), "coronal": np.rot90(volume[:, y, :]),
-            "sagittal": np.rot90(volume[x, :, :])}
+    return {
+        "axial": np.rot90(volume[:, :, z]),
+        "coronal": np.rot90(volume[:, y, :]),
+        "sagittal": np.rot90(volume[x, :, :]),
+    }
 
 
-def reconstruction_figure(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
-                          path: str | Path, title: str = "") -> Path:
+def reconstruction_figure(
+    rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
+    path: str | Path,
+    title: str = "",
+) -> Path:
     """One row per checkpoint: input, reconstruction and error for three mid-slices.
 
     Args:
@@ -49,8 +55,11 @@ def reconstruction_figure(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.n
         lo, hi = np.percentile(target, [0.5, 99.5])
         err_max = max(float(np.percentile(np.abs(r[2] - r[3]), 99.5)) for r in rows) or 1.0
     for r, (label, x, recon, truth) in enumerate(rows):
-        panels = {"input": mid_slices(x), "reconstruction": mid_slices(recon),
-                  "error": mid_slices(recon - truth)}
+        panels = {
+            "input": mid_slices(x),
+            "reconstruction": mid_slices(recon),
+            "error": mid_slices(recon - truth),
+        }
         for v, view in enumerate(VIEWS):
             for k, kind in enumerate(("input", "reconstruction", "error")):
                 ax = axes[r, 3 * v + k]

@@ -67,9 +67,11 @@ def expand_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
     errors: list[str] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.iterdir()
-                           if p.is_file() and p.name.lower().endswith(SUFFIXES)
-                           and not p.name.startswith("."))
+            found = sorted(
+                p
+                for p in item.iterdir()
+                if p.is_file() and p.name.lower().endswith(SUFFIXES) and not p.name.startswith(".")
+            )
             if not found:
                 errors.append(f"{item}: folder holds no .nii or .nii.gz files")
             files += found
@@ -105,10 +107,13 @@ def check_scan(path: Path, bundle: Bundle) -> None:
     dims = "x".join(map(str, shape))
     if len(shape) < 3 or min(shape) == 1:
         if cfg.data.spatial_dims == 3:
-            raise LowlabelError(f"{path}: a 2D image ({dims} voxels) but the model is 3D; "
-                                "give a 3D volume")
-        raise LowlabelError(f"{path}: a single slice ({dims} voxels); give the whole volume "
-                            "(the 2D model segments it slice by slice)")
+            raise LowlabelError(
+                f"{path}: a 2D image ({dims} voxels) but the model is 3D; give a 3D volume"
+            )
+        raise LowlabelError(
+            f"{path}: a single slice ({dims} voxels); give the whole volume "
+            "(the 2D model segments it slice by slice)"
+        )
     if int(np.prod(shape)) > MAX_INPUT_VOXELS:
         raise LowlabelError(f"{path}: {dims} voxels is too large to segment; crop or downsample it")
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
@@ -124,7 +129,8 @@ def check_scan(path: Path, bundle: Bundle) -> None:
     if coarse.any():
         raise LowlabelError(
             f"{path}: voxels of {spacing} mm are too coarse for a model trained at "
-            f"{model_spacing} mm (at most {MAX_COARSER:g}x coarser); use a finer scan")
+            f"{model_spacing} mm (at most {MAX_COARSER:g}x coarser); use a finer scan"
+        )
     # the network's coarsest level needs 2**(levels-1) voxels, and a scan under half the training
     # window would be mostly padding, which the model never saw in training
     window = np.asarray(patch_shape(cfg.data), dtype=float)[world]
@@ -133,16 +139,19 @@ def check_scan(path: Path, bundle: Bundle) -> None:
         need = int(need[seen].max())
         raise LowlabelError(
             f"{path}: {dims} voxels of {spacing} mm is too small for the model (at least {need} "
-            f"voxels of {model_spacing} mm along each axis); give the whole brain")
+            f"voxels of {model_spacing} mm along each axis); give the whole brain"
+        )
     if float(np.prod(grid)) > MAX_GRID_VOXELS:
         raise LowlabelError(
             f"{path}: {dims} voxels of {spacing} mm covers too large a field "
             f"({'x'.join(str(int(g)) for g in grid)} voxels at {model_spacing} mm); "
-            "check the voxel size in the header, or crop the scan")
+            "check the voxel size in the header, or crop the scan"
+        )
 
 
-def segment_scan(bundle: Bundle, pre, path: Path, out_dir: Path,
-                 probabilities: bool = False) -> dict:
+def segment_scan(
+    bundle: Bundle, pre, path: Path, out_dir: Path, probabilities: bool = False
+) -> dict:
     """Segment one scan and write ``<name>_seg.nii.gz`` (and probability maps) into ``out_dir``.
 
     Args:
@@ -174,17 +183,31 @@ def segment_scan(bundle: Bundle, pre, path: Path, out_dir: Path,
     if probabilities:
         for i, tissue in enumerate(TISSUES, start=1):
             prob = native[i].numpy().astype(np.float32, copy=False).reshape(shape)
-            write_nifti(out_dir / f"{name}_prob_{tissue.lower()}.nii.gz", prob, ref.affine,
-                        like=ref)
+            write_nifti(
+                out_dir / f"{name}_prob_{tissue.lower()}.nii.gz", prob, ref.affine, like=ref
+            )
     voxel_ml = abs(float(np.linalg.det(np.asarray(ref.affine, dtype=np.float64)[:3, :3]))) / 1000.0
     counts = np.bincount(labels.ravel(), minlength=4)
     csf, gm, wm = (float(c) * voxel_ml for c in counts[1:4])
-    return {"scan": str(path), "csf_ml": csf, "gm_ml": gm, "wm_ml": wm,
-            "total_brain_ml": gm + wm, "voxel_ml": voxel_ml}
+    return {
+        "scan": str(path),
+        "csf_ml": csf,
+        "gm_ml": gm,
+        "wm_ml": wm,
+        "total_brain_ml": gm + wm,
+        "voxel_ml": voxel_ml,
+    }
 
 
-def segment(model_dir: str | Path | Bundle, inputs: Sequence[str | Path], out_dir: str | Path, *,
-            probabilities: bool = False, progress: bool = True, threads: int = 0) -> SegmentResult:
+def segment(
+    model_dir: str | Path | Bundle,
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    probabilities: bool = False,
+    progress: bool = True,
+    threads: int = 0,
+) -> SegmentResult:
     """Segment scans with a bundle; one bad scan does not stop the others.
 
     Args:
@@ -214,8 +237,10 @@ def segment(model_dir: str | Path | Bundle, inputs: Sequence[str | Path], out_di
     for path in tqdm(files, desc="segment", unit="scan", disable=not progress, dynamic_ncols=True):
         name = stem(path)
         if name in names:
-            result.errors.append(f"{path}: same name as {names[name]}; its output would "
-                                 "overwrite that one, rename one of them")
+            result.errors.append(
+                f"{path}: same name as {names[name]}; its output would "
+                "overwrite that one, rename one of them"
+            )
             continue
         names[name] = path
         try:
@@ -232,6 +257,10 @@ def volumes_csv(rows: list[dict]) -> str:
     writer = csv.DictWriter(buf, fieldnames=list(VOLUME_COLUMNS), lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: (f"{v:.3f}" if k.endswith("_ml") and k != "voxel_ml" else v)
-                         for k, v in row.items()})
+        writer.writerow(
+            {
+                k: (f"{v:.3f}" if k.endswith("_ml") and k != "voxel_ml" else v)
+                for k, v in row.items()
+            }
+        )
     return buf.getvalue()

@@ -69,8 +69,9 @@ def _from_json(path: Path) -> Dataset:
     for i, item in enumerate(raw["training"]):
         if not isinstance(item, dict) or "image" not in item or "label" not in item:
             raise LowlabelError(f"{path}: training entry {i} needs both 'image' and 'label'")
-    items = load_decathlon_datalist(str(path), is_segmentation=True, data_list_key="training",
-                                    base_dir=str(path.parent))
+    items = load_decathlon_datalist(
+        str(path), is_segmentation=True, data_list_key="training", base_dir=str(path.parent)
+    )
     subjects = []
     for item in items:
         subject = {"id": _subject_id(item["image"]), "image": item["image"], "label": item["label"]}
@@ -94,7 +95,7 @@ def _from_folder(path: Path) -> Dataset:
     images_dir, labels_dir = path / "images", path / "labels"
     if not images_dir.is_dir() or not labels_dir.is_dir():
         raise LowlabelError(
-            f"{path}: a dataset folder needs images/ and labels/ subfolders (matched by file name), "
+            f"{path}: a dataset folder needs images/ and labels/ subfolders (matched by name), "
             "or give a dataset.json"
         )
     labels = {_stem(p): p for p in _niftis(labels_dir)}
@@ -127,7 +128,9 @@ def load_dataset(source: str | Path) -> Dataset:
     ids = [s["id"] for s in ds.subjects]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
-        raise LowlabelError(f"{path}: subject ids {dupes} appear twice; give each scan its own name")
+        raise LowlabelError(
+            f"{path}: subject ids {dupes} appear twice; give each scan its own name"
+        )
     return Dataset(ds.source, sorted(ds.subjects, key=lambda s: s["id"]), ds.unlabelled)
 
 
@@ -204,5 +207,9 @@ def check_dataset(source: str | Path, label_map: dict[int, int] | None = None) -
             read_nifti(path)
         except LowlabelError as err:
             problems.append(str(err))
-    return {"source": ds.source, "subjects": rows, "unlabelled": len(ds.unlabelled),
-            "problems": problems}
+    return {
+        "source": ds.source,
+        "subjects": rows,
+        "unlabelled": len(ds.unlabelled),
+        "problems": problems,
+    }

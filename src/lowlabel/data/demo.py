@@ -52,9 +52,13 @@ def _labels(probs: np.ndarray) -> np.ndarray:
     return np.where(brain, probs.argmax(0) + 1, 0).astype(np.int16)
 
 
-def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], grid: int, sd: float) -> np.ndarray:
+def _smooth_field(
+    rng: np.random.Generator, shape: tuple[int, ...], grid: int, sd: float
+) -> np.ndarray:
     coarse = rng.normal(0.0, sd, size=(grid, grid, grid))
-    return ndimage.zoom(coarse, [s / grid for s in shape], order=3)[: shape[0], : shape[1], : shape[2]]
+    return ndimage.zoom(coarse, [s / grid for s in shape], order=3)[
+        : shape[0], : shape[1], : shape[2]
+    ]
 
 
 def _subject(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, spacing: float):
@@ -64,9 +68,11 @@ def _subject(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, sp
     angles = np.deg2rad(rng.uniform(-6, 6, size=3))
     cx, cy, cz = np.cos(angles)
     sx, sy, sz = np.sin(angles)
-    rot = (np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-           @ np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-           @ np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]]))
+    rot = (
+        np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+        @ np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+        @ np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    )
     matrix = rot * rng.uniform(0.93, 1.07, size=3)
     grid = np.indices(shape, dtype=np.float32).reshape(3, -1)
     coords = matrix @ (grid - centre[:, None]) + centre[:, None]
@@ -85,7 +91,9 @@ def _subject(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, sp
     return np.round(moved * scale).astype(np.int16), seg
 
 
-def make_demo(outdir: str | Path, n_subjects: int = 16, spacing: float = 2.0, seed: int = 0) -> Path:
+def make_demo(
+    outdir: str | Path, n_subjects: int = 16, spacing: float = 2.0, seed: int = 0
+) -> Path:
     """Write the demo cohort as ``images/``, ``labels/`` and a ``dataset.json``; returns the json.
 
     The folder appears complete or not at all: it is built under a temporary name and renamed.
@@ -112,7 +120,7 @@ def make_demo(outdir: str | Path, n_subjects: int = 16, spacing: float = 2.0, se
         meta = {
             "name": "lowlabel demo cohort (synthetic)",
             "description": "Synthetic subjects: random smooth deformations, bias fields, contrast "
-                           "and noise applied to nilearn's MNI152 2009 template. Not real patients.",
+            "and noise applied to nilearn's MNI152 2009 template. Not real patients.",
             "labels": {"0": "background", "1": "CSF", "2": "GM", "3": "WM"},
             "modality": {"0": "T1"},
             "spacing_mm": spacing,

@@ -59,8 +59,14 @@ def read_nifti(path: str | Path, *, kind: str = "image") -> tuple[np.ndarray, np
             else:
                 img = nib.load(str(path))
             data = np.asarray(img.dataobj)
-    except (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.ImageFileError,
-            nib.spatialimages.HeaderDataError) as err:  # from_bytes: garbage in a valid gzip
+    except (
+        OSError,
+        EOFError,
+        zlib.error,
+        ValueError,
+        nib.filebasedimages.ImageFileError,
+        nib.spatialimages.HeaderDataError,
+    ) as err:  # from_bytes: garbage in a valid gzip
         reason = "truncated" if isinstance(err, EOFError) or "EOF" in str(err) else "corrupt"
         raise LowlabelError(
             f"{path}: cannot read NIfTI ({reason}: {str(err).splitlines()[0][:80]}); "
@@ -80,7 +86,9 @@ def read_nifti(path: str | Path, *, kind: str = "image") -> tuple[np.ndarray, np
         raise LowlabelError(f"{path}: the header's affine is not invertible; fix the header")
     if kind == "label":
         if not np.all(np.isfinite(data)) or np.any(data != np.round(data)):
-            raise LowlabelError(f"{path}: label map has non-integer values; labels must be integers")
+            raise LowlabelError(
+                f"{path}: label map has non-integer values; labels must be integers"
+            )
         return data.astype(np.int16), affine
     data = data.astype(np.float32)
     if not np.all(np.isfinite(data)):

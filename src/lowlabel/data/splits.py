@@ -36,10 +36,16 @@ def make_splits(ids: list[str], n_test: int, n_val: int, split_seed: int) -> dic
         )
     order = [ids[i] for i in _rng(split_seed).permutation(len(ids))]
     test = sorted(order[:n_test])
-    val = sorted(order[n_test:n_test + n_val])
-    pool = sorted(order[n_test + n_val:])
-    return {"split_seed": split_seed, "subjects": ids, "test": test, "val": val, "pool": pool,
-            "draws": {}}
+    val = sorted(order[n_test : n_test + n_val])
+    pool = sorted(order[n_test + n_val :])
+    return {
+        "split_seed": split_seed,
+        "subjects": ids,
+        "test": test,
+        "val": val,
+        "pool": pool,
+        "draws": {},
+    }
 
 
 def draw_order(splits: dict, draw: int) -> list[str]:
@@ -47,7 +53,9 @@ def draw_order(splits: dict, draw: int) -> list[str]:
     key = str(draw)
     if key not in splits["draws"]:
         pool = splits["pool"]
-        splits["draws"][key] = [pool[i] for i in _rng(splits["split_seed"], 1, draw).permutation(len(pool))]
+        splits["draws"][key] = [
+            pool[i] for i in _rng(splits["split_seed"], 1, draw).permutation(len(pool))
+        ]
     return splits["draws"][key]
 
 
@@ -87,7 +95,9 @@ def load_or_make(path: Path, ids: list[str], n_test: int, n_val: int, split_seed
         try:
             splits = json.loads(path.read_text())
         except json.JSONDecodeError:
-            raise LowlabelError(f"{path}: split file is corrupt; delete it to draw new splits") from None
+            raise LowlabelError(
+                f"{path}: split file is corrupt; delete it to draw new splits"
+            ) from None
         if sorted(splits.get("subjects", [])) != sorted(ids):
             raise LowlabelError(
                 f"{path}: saved splits list other subjects than the dataset has now; "

@@ -78,8 +78,11 @@ class LoadScand(MapTransform):
                 "spatial_shape": np.array(array.shape),
                 "original_channel_dim": "no_channel",
             }
-            d[key] = MetaTensor(torch.from_numpy(np.ascontiguousarray(array))[None],
-                                affine=torch.as_tensor(affine, dtype=torch.float64), meta=meta)
+            d[key] = MetaTensor(
+                torch.from_numpy(np.ascontiguousarray(array))[None],
+                affine=torch.as_tensor(affine, dtype=torch.float64),
+                meta=meta,
+            )
         return d
 
 
@@ -97,15 +100,18 @@ def preprocess(cfg: DataConfig, keys: Sequence[str] = ("image", "label")) -> Com
     keys = list(keys)
     modes = ["bilinear" if k == "image" else "nearest" for k in keys]
     pad = tuple(p if cfg.spatial_dims == 3 or i < 2 else -1 for i, p in enumerate(patch_shape(cfg)))
-    return Compose([
-        LoadScand(keys, cfg.label_map),
-        Orientationd(keys, axcodes=AXCODES, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        Spacingd(keys, pixdim=cfg.spacing, mode=modes),
-        CropForegroundd(keys, source_key="image", select_fn=_nonzero, margin=2,
-                        allow_smaller=True),
-        NormalizeIntensityd("image", nonzero=True),
-        SpatialPadd(keys, spatial_size=pad),
-    ])
+    return Compose(
+        [
+            LoadScand(keys, cfg.label_map),
+            Orientationd(keys, axcodes=AXCODES, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+            Spacingd(keys, pixdim=cfg.spacing, mode=modes),
+            CropForegroundd(
+                keys, source_key="image", select_fn=_nonzero, margin=2, allow_smaller=True
+            ),
+            NormalizeIntensityd("image", nonzero=True),
+            SpatialPadd(keys, spatial_size=pad),
+        ]
+    )
 
 
 def _nonzero(x: torch.Tensor) -> torch.Tensor:
@@ -127,9 +133,16 @@ def augment(data: DataConfig, aug: AugmentConfig) -> Compose:
     modes = ["bilinear", "nearest"]
     nd = data.spatial_dims
     chain = [
-        RandCropByPosNegLabeld(keys, label_key="label", spatial_size=patch_shape(data),
-                               pos=data.pos_fraction, neg=1.0 - data.pos_fraction, num_samples=1,
-                               fg_indices_key="label_fg", bg_indices_key="label_bg"),
+        RandCropByPosNegLabeld(
+            keys,
+            label_key="label",
+            spatial_size=patch_shape(data),
+            pos=data.pos_fraction,
+            neg=1.0 - data.pos_fraction,
+            num_samples=1,
+            fg_indices_key="label_fg",
+            bg_indices_key="label_bg",
+        ),
     ]
     if nd == 2:
         chain.append(SqueezeDimd(keys, dim=-1))
@@ -137,15 +150,25 @@ def augment(data: DataConfig, aug: AugmentConfig) -> Compose:
         rot = np.deg2rad(aug.rotate_deg)
         chain += [
             RandFlipd(keys, prob=aug.flip_prob, spatial_axis=0),
-            RandAffined(keys, prob=aug.affine_prob, rotate_range=(rot,) * (1 if nd == 2 else 3),
-                        scale_range=(aug.scale,) * nd, mode=modes, padding_mode="zeros"),
+            RandAffined(
+                keys,
+                prob=aug.affine_prob,
+                rotate_range=(rot,) * (1 if nd == 2 else 3),
+                scale_range=(aug.scale,) * nd,
+                mode=modes,
+                padding_mode="zeros",
+            ),
         ]
         if aug.elastic_prob > 0:
             elastic = Rand3DElasticd if nd == 3 else Rand2DElasticd
-            kwargs = {"sigma_range": (5, 7), "magnitude_range": (50, 150)} if nd == 3 else {
-                "spacing": (20, 20), "magnitude_range": (1, 2)}
-            chain.append(elastic(keys, prob=aug.elastic_prob, mode=modes, padding_mode="zeros",
-                                 **kwargs))
+            kwargs = (
+                {"sigma_range": (5, 7), "magnitude_range": (50, 150)}
+                if nd == 3
+                else {"spacing": (20, 20), "magnitude_range": (1, 2)}
+            )
+            chain.append(
+                elastic(keys, prob=aug.elastic_prob, mode=modes, padding_mode="zeros", **kwargs)
+            )
         chain += [
             RandScaleIntensityd("image", factors=aug.intensity_scale, prob=aug.intensity_prob),
             RandShiftIntensityd("image", offsets=aug.intensity_shift, prob=aug.intensity_prob),

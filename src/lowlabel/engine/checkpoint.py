@@ -87,8 +87,9 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     return tensors, {"param_groups": state["param_groups"]}
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                   groups: dict) -> None:
+def load_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: dict
+) -> None:
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in split(tensors, "optim").items():
         pid, key = name.split(".", 1)
@@ -96,9 +97,10 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Te
     optimizer.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
 
 
-def save_state(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               meta: dict[str, Any]) -> None:
-    """Write a resumable state: model, optimizer and torch RNG, plus ``meta`` (config, loop state)."""
+def save_state(
+    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]
+) -> None:
+    """Write resumable state: model, optimizer, torch RNG, and ``meta`` (config, loop state)."""
     opt_tensors, groups = optimizer_tensors(optimizer)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update(opt_tensors)
@@ -106,8 +108,9 @@ def save_state(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.
     save(path, tensors, {**meta, "optimizer": groups})
 
 
-def restore_state(path: str | Path, model: torch.nn.Module,
-                  optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def restore_state(
+    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
     """Load what :func:`save_state` wrote into ``model`` and ``optimizer``; returns its metadata."""
     tensors, meta = load(path)
     model.load_state_dict(split(tensors, "model"))

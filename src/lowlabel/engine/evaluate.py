@@ -44,8 +44,9 @@ def to_native(probs: torch.Tensor, image: MetaTensor, pre: Callable) -> torch.Te
         pre: the very preprocessing instance that produced ``image``.
     """
     pred = MetaTensor(probs, meta=dict(image.meta))
-    inverter = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False,
-                       to_tensor=True)
+    inverter = Invertd(
+        "pred", transform=pre, orig_keys="image", nearest_interp=False, to_tensor=True
+    )
     out = inverter({"pred": pred, "image": image})["pred"]
     return out.as_tensor() if isinstance(out, MetaTensor) else out
 
@@ -63,7 +64,8 @@ def segment_metrics(pred: torch.Tensor, truth: torch.Tensor, spacing: tuple[floa
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # MONAI's own deprecated internal argument
         hd = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")(
-            p, t, spacing=list(spacing))[0]
+            p, t, spacing=list(spacing)
+        )[0]
     voxel_ml = float(np.prod(spacing)) / 1000.0
     row = {}
     for i, name in enumerate(TISSUES):
@@ -80,8 +82,13 @@ def segment_metrics(pred: torch.Tensor, truth: torch.Tensor, spacing: tuple[floa
     return row
 
 
-def evaluate(model: nn.Module, cfg: RunConfig, subjects: list[dict], out_dir: Path | None = None,
-             progress: bool = True) -> dict:
+def evaluate(
+    model: nn.Module,
+    cfg: RunConfig,
+    subjects: list[dict],
+    out_dir: Path | None = None,
+    progress: bool = True,
+) -> dict:
     """Evaluate ``model`` on ``subjects`` at native resolution.
 
     Writes ``evaluation.csv`` (one row per subject) and ``evaluation.json`` (means and SDs) into

@@ -44,8 +44,14 @@ def predict_logits(model: nn.Module, image: torch.Tensor, cfg: RunConfig) -> tor
     model.eval()
     try:
         with autocast(cfg.train.bf16):
-            out = sliding_window_inference(image[None].float(), roi, sw_batch, predictor,
-                                           overlap=cfg.train.sw_overlap, mode="gaussian")
+            out = sliding_window_inference(
+                image[None].float(),
+                roi,
+                sw_batch,
+                predictor,
+                overlap=cfg.train.sw_overlap,
+                mode="gaussian",
+            )
     finally:
         model.train(was_training)
     return out[0].float()

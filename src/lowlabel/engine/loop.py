@@ -91,8 +91,13 @@ def resolve_splits(cfg: RunConfig, ds: Dataset) -> dict:
     train_ids = labelled(splits, d.budget, d.draw)
     if json.dumps(splits, sort_keys=True) != before or not path.exists():
         save(path, splits)
-    return {"source": ds.source, "split_file": str(path), "test": splits["test"],
-            "val": splits["val"], "train": train_ids}
+    return {
+        "source": ds.source,
+        "split_file": str(path),
+        "test": splits["test"],
+        "val": splits["val"],
+        "train": train_ids,
+    }
 
 
 def cache(subjects: list[dict], transform, desc: str, progress: bool) -> list[dict]:
@@ -113,8 +118,14 @@ class Batches(torch.utils.data.Dataset):
     metadata (e.g. an uncached chain that starts by loading and resampling files).
     """
 
-    def __init__(self, items: list[dict], transform: Compose, batch_size: int, seed: int,
-                 track_meta: bool = True) -> None:
+    def __init__(
+        self,
+        items: list[dict],
+        transform: Compose,
+        batch_size: int,
+        seed: int,
+        track_meta: bool = True,
+    ) -> None:
         self.items, self.transform = items, transform
         self.batch_size, self.seed, self.track_meta = batch_size, seed, track_meta
 
@@ -149,21 +160,32 @@ def _plain(x) -> torch.Tensor:
 def train_loader(cfg: RunConfig, items: list[dict], start: int) -> torch.utils.data.DataLoader:
     """Batches ``start, start + 1, ...`` up to ``cfg.train.steps``; with ``train.workers`` > 0
     they are prepared in worker processes while the network trains on the previous one."""
-    batches = Batches(items, augment(cfg.data, cfg.augment), cfg.train.batch_size, cfg.seed,
-                      track_meta=False)
+    batches = Batches(
+        items, augment(cfg.data, cfg.augment), cfg.train.batch_size, cfg.seed, track_meta=False
+    )
     # its own generator: iterating a DataLoader otherwise draws from the global torch RNG, which
     # a resumed run has restored, so dropout would differ from the uninterrupted run
-    return torch.utils.data.DataLoader(batches, sampler=range(start, cfg.train.steps),
-                                       batch_size=None, num_workers=cfg.train.workers,
-                                       generator=torch.Generator().manual_seed(cfg.seed))
+    return torch.utils.data.DataLoader(
+        batches,
+        sampler=range(start, cfg.train.steps),
+        batch_size=None,
+        num_workers=cfg.train.workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
 
 
 def speed_settings(cfg: RunConfig, timing: dict | None = None) -> dict:
     """The settings that change speed (and, for bf16, numerics), and with ``timing`` the
     measured steps per second and share of step time spent waiting for batches."""
     t = cfg.train
-    out = {"threads": torch.get_num_threads(), "workers": t.workers, "bf16": t.bf16,
-           "channels_last": t.channels_last, "compile": t.compile, "track_meta": False}
+    out = {
+        "threads": torch.get_num_threads(),
+        "workers": t.workers,
+        "bf16": t.bf16,
+        "channels_last": t.channels_last,
+        "compile": t.compile,
+        "track_meta": False,
+    }
     if timing and timing["steps"] > 0:
         out["steps_per_s"] = round(timing["n"] / timing["steps"], 3)
         out["data_share"] = round(timing["data"] / timing["steps"], 4)
@@ -179,8 +201,14 @@ def prepare_model(model: nn.Module, cfg: RunConfig) -> nn.Module:
     return torch.compile(model) if cfg.train.compile else model
 
 
-def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
-               image: torch.Tensor, label: torch.Tensor, bf16: bool) -> float:
+def train_step(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    image: torch.Tensor,
+    label: torch.Tensor,
+    bf16: bool,
+) -> float:
     """One optimizer update on a batch ``(B, 1, H, W[, D])``; returns the loss."""
     with autocast(bf16):
         logits = net(image)
@@ -200,8 +228,12 @@ def validate(model: nn.Module, items: list[dict], cfg: RunConfig) -> dict:
         truth = torch.as_tensor(item["label"])[None].long()
         metric(one_hot(pred[None, None], 4), one_hot(truth, 4))
     per_class = metric.aggregate().tolist()
-    return {"val_dice": float(np.mean(per_class)), "val_dice_csf": per_class[0],
-            "val_dice_gm": per_class[1], "val_dice_wm": per_class[2]}
+    return {
+        "val_dice": float(np.mean(per_class)),
+        "val_dice_csf": per_class[0],
+        "val_dice_gm": per_class[1],
+        "val_dice_wm": per_class[2],
+    }
 
 
 def truncate_metrics(path: Path, upto: int) -> None:
@@ -230,8 +262,9 @@ def prepare_run_dir(cfg: RunConfig, resume: bool) -> tuple[Path, RunResult | Non
     return path, None
 
 
-def fit(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
-        evaluate_test: bool = True) -> RunResult:
+def fit(
+    cfg: RunConfig, *, resume: bool = False, progress: bool = True, evaluate_test: bool = True
+) -> RunResult:
     """Train a segmentation network under a label budget, with early stopping.
 
     Writes into the run folder: ``config.yaml``, ``splits.json``, ``metrics.jsonl``,
@@ -253,8 +286,9 @@ def fit(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
     write_json(out / "splits.json", split)
 
     pre = preprocess(cfg.data)
-    train_items = cache(ds.by_id(split["train"]), Compose([pre, index_foreground()]),
-                        "cache train", progress)
+    train_items = cache(
+        ds.by_id(split["train"]), Compose([pre, index_foreground()]), "cache train", progress
+    )
     val_items = cache(ds.by_id(split["val"]), pre, "cache val", progress)
     check_size(train_items + val_items, cfg)
     if evaluate_test:
@@ -278,8 +312,15 @@ def fit(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
 
     # "losses" since the last validation live in the checkpoint too, so a run resumed between
     # validations logs the same train_loss as an uninterrupted one
-    state = {"step": 0, "best_metric": -1.0, "best_step": 0, "bad": 0, "stopped": False,
-             "train_seconds": 0.0, "losses": []}
+    state = {
+        "step": 0,
+        "best_metric": -1.0,
+        "best_step": 0,
+        "bad": 0,
+        "stopped": False,
+        "train_seconds": 0.0,
+        "losses": [],
+    }
     metrics_path = out / "metrics.jsonl"
     last, best = out / "last.safetensors", out / "best.safetensors"
     if resume and last.exists():
@@ -290,14 +331,20 @@ def fit(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
         metrics_path.unlink()
 
     def save_state() -> None:
-        checkpoint.save_state(last, model, optimizer,
-                              {"kind": "train", "config": to_dict(cfg), "state": state})
+        checkpoint.save_state(
+            last, model, optimizer, {"kind": "train", "config": to_dict(cfg), "state": state}
+        )
 
     steps, val_every = cfg.train.steps, cfg.train.val_every
     net = prepare_model(model, cfg)
     loader = train_loader(cfg, train_items, state["step"])
-    bar = tqdm(total=steps, initial=state["step"], desc=f"train {out.name}", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=steps,
+        initial=state["step"],
+        desc=f"train {out.name}",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     tick = ready = time.perf_counter()
     timing = {"data": 0.0, "steps": 0.0, "n": 0}  # time waiting for batches, and in steps
     for image, label in loader if not state["stopped"] and state["step"] < steps else []:
@@ -306,8 +353,9 @@ def fit(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
             setup.train_mode(model, state["step"], optimizer)
         else:
             model.train()
-        set_learning_rate(optimizer, cfg, state["step"],
-                          state["train_seconds"] + time.perf_counter() - tick)
+        set_learning_rate(
+            optimizer, cfg, state["step"], state["train_seconds"] + time.perf_counter() - tick
+        )
         state["losses"].append(train_step(net, optimizer, loss_fn, image, label, cfg.train.bf16))
         timing["steps"] += time.perf_counter() - ready
         timing["n"] += 1
@@ -315,7 +363,8 @@ def fit(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
         bar.update(1)
         step = state["step"]
         out_of_time = bool(cfg.train.max_minutes) and (
-            state["train_seconds"] + time.perf_counter() - tick > 60 * cfg.train.max_minutes)
+            state["train_seconds"] + time.perf_counter() - tick > 60 * cfg.train.max_minutes
+        )
         if step % val_every == 0 or step == steps or out_of_time:
             row = {"step": step, "train_loss": float(np.mean(state["losses"]))}
             row.update(validate(model, val_items, cfg))
@@ -326,9 +375,16 @@ def fit(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
             improved = row["val_dice"] > state["best_metric"] + cfg.train.min_delta
             if improved:
                 state.update(best_metric=row["val_dice"], best_step=step, bad=0)
-                checkpoint.save(best, {f"model.{k}": v for k, v in model.state_dict().items()},
-                                {"kind": "train", "config": to_dict(cfg), "step": step,
-                                 "val_dice": row["val_dice"]})
+                checkpoint.save(
+                    best,
+                    {f"model.{k}": v for k, v in model.state_dict().items()},
+                    {
+                        "kind": "train",
+                        "config": to_dict(cfg),
+                        "step": step,
+                        "val_dice": row["val_dice"],
+                    },
+                )
             else:
                 state["bad"] += 1
             patience = cfg.train.patience
@@ -336,8 +392,11 @@ def fit(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
             row["best"] = improved
             append_line(metrics_path, json.dumps(row))
             save_state()
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row['val_dice']:.3f}",
-                            best=f"{state['best_metric']:.3f}")
+            bar.set_postfix(
+                loss=f"{row['train_loss']:.3f}",
+                val=f"{row['val_dice']:.3f}",
+                best=f"{state['best_metric']:.3f}",
+            )
             if state["stopped"]:
                 log.info("early stop at step %d (best %d)", step, state["best_step"])
                 break
@@ -352,18 +411,30 @@ def fit(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
     if evaluate_test and split["test"]:
         test = evaluate_model(model, cfg, ds.by_id(split["test"]), out, progress)["summary"]
     result = RunResult(
-        run_dir=str(out), steps=state["step"], best_step=state["best_step"],
-        best_val_dice=state["best_metric"], stopped_early=state["stopped"],
-        train_seconds=round(state["train_seconds"], 3), prep_seconds=round(prep_seconds, 3),
-        peak_rss_mb=round(peak_rss_mb(), 1), n_labelled=len(split["train"]), test=test)
-    write_json(out / "provenance.json", provenance(
-        seed=cfg.seed, parameters=count_parameters(model), speed=speed_settings(cfg, timing)))
+        run_dir=str(out),
+        steps=state["step"],
+        best_step=state["best_step"],
+        best_val_dice=state["best_metric"],
+        stopped_early=state["stopped"],
+        train_seconds=round(state["train_seconds"], 3),
+        prep_seconds=round(prep_seconds, 3),
+        peak_rss_mb=round(peak_rss_mb(), 1),
+        n_labelled=len(split["train"]),
+        test=test,
+    )
+    write_json(
+        out / "provenance.json",
+        provenance(
+            seed=cfg.seed, parameters=count_parameters(model), speed=speed_settings(cfg, timing)
+        ),
+    )
     write_json(out / "result.json", asdict(result))
     return result
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, cfg: RunConfig, step: int,
-                      seconds: float = 0.0) -> None:
+def set_learning_rate(
+    optimizer: torch.optim.Optimizer, cfg: RunConfig, step: int, seconds: float = 0.0
+) -> None:
     """Learning rate as a pure function of the step, so a resumed run continues the schedule.
 
     Under a wall-clock budget (``train.max_minutes``) the poly decay follows whichever runs out
@@ -377,8 +448,9 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, cfg: RunConfig, step: in
         group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
 
 
-def evaluate_model(model: nn.Module, cfg: RunConfig, subjects: list[dict], out: Path,
-                   progress: bool) -> dict:
+def evaluate_model(
+    model: nn.Module, cfg: RunConfig, subjects: list[dict], out: Path, progress: bool
+) -> dict:
     from lowlabel.engine.evaluate import evaluate
 
     return evaluate(model, cfg, subjects, out, progress)

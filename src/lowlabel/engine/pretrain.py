@@ -74,8 +74,9 @@ class PretrainBatches(Batches):
     shape ``(B, 1, *patch)`` and ``index`` ``(B,)`` the pool images drawn; randomness (image,
     crop, flip, corruption) comes from ``(seed, i)`` alone."""
 
-    def __init__(self, items: list[dict], transform: Compose, batch_size: int, seed: int,
-                 cfg: RunConfig) -> None:
+    def __init__(
+        self, items: list[dict], transform: Compose, batch_size: int, seed: int, cfg: RunConfig
+    ) -> None:
         super().__init__(items, transform, batch_size, seed)
         self.cfg = cfg
 
@@ -113,8 +114,9 @@ def val_inputs(items: list[dict], cfg: RunConfig) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def validate_recon(model: nn.Module, items: list[dict], inputs: list[torch.Tensor],
-                   cfg: RunConfig) -> dict:
+def validate_recon(
+    model: nn.Module, items: list[dict], inputs: list[torch.Tensor], cfg: RunConfig
+) -> dict:
     """Mean squared and absolute error of the restored validation volumes (whole grid)."""
     if not items:
         return {"val_mse": math.nan, "val_mae": math.nan}
@@ -128,11 +130,12 @@ def validate_recon(model: nn.Module, items: list[dict], inputs: list[torch.Tenso
     return {"val_mse": se / n, "val_mae": ae / n}
 
 
-def cache_images(images: list[dict], transform: Compose, desc: str, progress: bool
-                 ) -> list[dict]:
+def cache_images(images: list[dict], transform: Compose, desc: str, progress: bool) -> list[dict]:
     """Preprocess each image once (no label: the pool may hold unlabelled scans)."""
-    return [unwrap(transform, {"image": item["image"]})
-            for item in tqdm(images, desc=desc, disable=not progress, leave=False)]
+    return [
+        unwrap(transform, {"image": item["image"]})
+        for item in tqdm(images, desc=desc, disable=not progress, leave=False)
+    ]
 
 
 def _pool(cfg: RunConfig) -> tuple[list[dict], list[dict], dict]:
@@ -187,8 +190,15 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> 
     pool, val, split = _pool(cfg)
     write_text(out / "config.yaml", dump_yaml(cfg))
     images = [p["image"] for p in pool]
-    write_json(out / "pool.json", {"source": split["source"], "split_file": split["split_file"],
-                                   "images": images, "validation": [v["image"] for v in val]})
+    write_json(
+        out / "pool.json",
+        {
+            "source": split["source"],
+            "split_file": split["split_file"],
+            "images": images,
+            "validation": [v["image"] for v in val],
+        },
+    )
     pre = preprocess(cfg.data, keys=("image",))
     pool_items = cache_images(pool, pre, "cache pool", progress)
     val_items = cache_images(val, pre, "cache val", progress)
@@ -197,12 +207,20 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> 
 
     seed_everything(cfg.seed)
     model = build_pretrain_model(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain.lr,
-                                  weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.pretrain.lr, weight_decay=cfg.train.weight_decay
+    )
     # "losses" since the last validation live in the checkpoint too, so a run resumed between
     # validations logs the same train_loss as an uninterrupted one
-    state: dict = {"step": 0, "seconds": 0.0, "seen": [0] * len(pool), "train_loss": math.nan,
-                   "val_mse": math.nan, "val_mae": math.nan, "losses": []}
+    state: dict = {
+        "step": 0,
+        "seconds": 0.0,
+        "seen": [0] * len(pool),
+        "train_loss": math.nan,
+        "val_mse": math.nan,
+        "val_mae": math.nan,
+        "losses": [],
+    }
     metrics_path = out / "metrics.jsonl"
     if resume and last.exists():
         state.update(checkpoint.restore_state(last, model, optimizer)["state"])
@@ -212,27 +230,48 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> 
         metrics_path.unlink()
 
     def save_state() -> None:
-        checkpoint.save_state(last, model, optimizer,
-                              {"kind": "pretrain-state", "config": to_dict(cfg), "state": state})
+        checkpoint.save_state(
+            last,
+            model,
+            optimizer,
+            {"kind": "pretrain-state", "config": to_dict(cfg), "state": state},
+        )
 
     def save_checkpoint(step: int) -> None:
         # each checkpoint says which images (and how many patches of each) it was trained on
         seen = {img: n for img, n in zip(images, state["seen"], strict=True)}
-        checkpoint.save(out / f"checkpoint-{step}.safetensors",
-                        {f"model.{k}": v for k, v in model.state_dict().items()},
-                        {"kind": "pretrain", "method": cfg.pretrain.method, "config": to_dict(cfg),
-                         "step": step, "images": images, "patches_per_image": seen,
-                         "val_mse": state["val_mse"], "val_mae": state["val_mae"]})
+        checkpoint.save(
+            out / f"checkpoint-{step}.safetensors",
+            {f"model.{k}": v for k, v in model.state_dict().items()},
+            {
+                "kind": "pretrain",
+                "method": cfg.pretrain.method,
+                "config": to_dict(cfg),
+                "step": step,
+                "images": images,
+                "patches_per_image": seen,
+                "val_mse": state["val_mse"],
+                "val_mae": state["val_mae"],
+            },
+        )
 
     steps, val_every, keep = cfg.pretrain.steps, cfg.train.val_every, set(saved_steps(cfg))
     loader = torch.utils.data.DataLoader(
         PretrainBatches(pool_items, patch_sampler(cfg), cfg.train.batch_size, cfg.seed, cfg),
-        sampler=range(state["step"], steps), batch_size=None, num_workers=cfg.train.workers,
+        sampler=range(state["step"], steps),
+        batch_size=None,
+        num_workers=cfg.train.workers,
         # its own generator: iterating a DataLoader otherwise draws from the global torch RNG,
         # which a resumed run has restored, so dropout would differ from an uninterrupted run
-        generator=torch.Generator().manual_seed(cfg.seed))
-    bar = tqdm(total=steps, initial=state["step"], desc=f"pretrain {out.name}",
-               disable=not progress, dynamic_ncols=True)
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    bar = tqdm(
+        total=steps,
+        initial=state["step"],
+        desc=f"pretrain {out.name}",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     tick = time.perf_counter()
     for x, target, index in loader if state["step"] < steps else []:
         model.train()
@@ -256,14 +295,18 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> 
             tick = time.perf_counter()
             row["seconds"] = round(state["seconds"], 3)
             state["losses"] = []
-            state.update(train_loss=row["train_loss"], val_mse=row["val_mse"],
-                         val_mae=row["val_mae"])
+            state.update(
+                train_loss=row["train_loss"], val_mse=row["val_mse"], val_mae=row["val_mae"]
+            )
             append_line(metrics_path, json.dumps(row))
             bar.set_postfix(loss=f"{row['train_loss']:.4f}", val_mse=f"{row['val_mse']:.4f}")
         if step in keep:
             save_checkpoint(step)
-        if validated or step in keep or (cfg.train.checkpoint_every
-                                         and step % cfg.train.checkpoint_every == 0):
+        if (
+            validated
+            or step in keep
+            or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
+        ):
             save_state()
     bar.close()
 
@@ -273,18 +316,26 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> 
         figure = str(out / "reconstructions.png")
         reconstruction_panels(cfg, checkpoints, val_items[0], val_x[0], Path(figure))
     result = PretrainResult(
-        run_dir=str(out), steps=state["step"], checkpoints=checkpoints,
-        train_loss=state["train_loss"], val_mse=state["val_mse"], val_mae=state["val_mae"],
-        figure=figure, seconds=round(state["seconds"] + time.perf_counter() - t0, 3))
-    write_json(out / "provenance.json",
-               provenance(seed=cfg.seed, parameters=count_parameters(model)))
+        run_dir=str(out),
+        steps=state["step"],
+        checkpoints=checkpoints,
+        train_loss=state["train_loss"],
+        val_mse=state["val_mse"],
+        val_mae=state["val_mae"],
+        figure=figure,
+        seconds=round(state["seconds"] + time.perf_counter() - t0, 3),
+    )
+    write_json(
+        out / "provenance.json", provenance(seed=cfg.seed, parameters=count_parameters(model))
+    )
     write_json(done, asdict(result))
     return result
 
 
 @torch.no_grad()
-def reconstruction_panels(cfg: RunConfig, checkpoints: dict[str, str], item: dict,
-                          x: torch.Tensor, path: Path) -> None:
+def reconstruction_panels(
+    cfg: RunConfig, checkpoints: dict[str, str], item: dict, x: torch.Tensor, path: Path
+) -> None:
     """Input, reconstruction and error of one validation volume for every saved step."""
     from lowlabel.figures import reconstruction_figure
 

@@ -64,8 +64,10 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, progress: bool = 
         ds = load_dataset(source)
         gone = sorted(set(test) - set(ds.ids))
         if gone:
-            raise LowlabelError(f"{source}: test subjects {gone[:5]} of {split_path} are no "
-                                "longer in the dataset; evaluate with --data DATASET instead")
+            raise LowlabelError(
+                f"{source}: test subjects {gone[:5]} of {split_path} are no "
+                "longer in the dataset; evaluate with --data DATASET instead"
+            )
         subjects, out = ds.by_id(test), run_dir
     else:
         ds = load_dataset(data)

@@ -30,8 +30,9 @@ def build_pretrain_model(cfg: RunConfig) -> nn.Module:
     return build_model(cfg.model, cfg.data.spatial_dims, in_channels=1, out_channels=1)
 
 
-def corrupt(image: np.ndarray, cfg: RunConfig, rng: np.random.Generator,
-            whole_volume: bool = False) -> np.ndarray:
+def corrupt(
+    image: np.ndarray, cfg: RunConfig, rng: np.random.Generator, whole_volume: bool = False
+) -> np.ndarray:
     """The network input for one target patch under ``cfg.pretrain.method``.
 
     Args:
@@ -84,8 +85,9 @@ def nonlinear_intensity(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return (np.interp(u, xs, ys) * (hi - lo) + lo).astype(np.float32)
 
 
-def _box(rng: np.random.Generator, shape: tuple[int, ...], lo: float, hi: float
-         ) -> tuple[slice, ...]:
+def _box(
+    rng: np.random.Generator, shape: tuple[int, ...], lo: float, hi: float
+) -> tuple[slice, ...]:
     """A random box whose side along each axis is a fraction in ``[lo, hi)`` of the extent."""
     out = []
     for s in shape:

@@ -79,8 +79,9 @@ def resolve_source(init_from: str | Path) -> Path:
                 return Path(ckpts[str(max(int(s) for s in ckpts))])
             if (path / "best.safetensors").exists():
                 return path / "best.safetensors"
-        found = sorted(path.glob("checkpoint-*.safetensors"),
-                       key=lambda p: int(p.stem.split("-")[1]))
+        found = sorted(
+            path.glob("checkpoint-*.safetensors"), key=lambda p: int(p.stem.split("-")[1])
+        )
         if found:
             return found[-1]
         raise LowlabelError(
@@ -98,8 +99,10 @@ def source_model(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> nn
     from lowlabel.models.unet import build_model
 
     if "config" not in meta:
-        raise LowlabelError(f"{path}: checkpoint has no lowlabel config in its metadata; "
-                            "use a checkpoint written by lowlabel pretrain or train")
+        raise LowlabelError(
+            f"{path}: checkpoint has no lowlabel config in its metadata; "
+            "use a checkpoint written by lowlabel pretrain or train"
+        )
     cfg = from_dict(meta["config"])
     if str(meta.get("kind", "")).startswith("pretrain"):
         model = build_pretrain_model(cfg)
@@ -108,14 +111,16 @@ def source_model(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> nn
     try:
         model.load_state_dict(checkpoint.split(tensors, "model"))
     except RuntimeError as err:
-        raise LowlabelError(f"{path}: weights do not fit the network in its own config "
-                            f"({str(err).splitlines()[0]})") from None
+        raise LowlabelError(
+            f"{path}: weights do not fit the network in its own config ({str(err).splitlines()[0]})"
+        ) from None
     model.spatial_dims = cfg.data.spatial_dims  # type: ignore[attr-defined]
     return model
 
 
-def match_level(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
-                ) -> tuple[list[tuple[str, str]], list[dict]]:
+def match_level(
+    source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
+) -> tuple[list[tuple[str, str]], list[dict]]:
     """Pair source and target tensors of one level.
 
     First the same relative name and shape; then, in order, the same leaf name (``weight``,
@@ -135,15 +140,23 @@ def match_level(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
             used.add(key)
         else:
             if key in source:
-                mismatches.append({"key": key, "source_shape": list(source[key].shape),
-                                   "target_shape": list(value.shape)})
+                mismatches.append(
+                    {
+                        "key": key,
+                        "source_shape": list(source[key].shape),
+                        "target_shape": list(value.shape),
+                    }
+                )
                 used.add(key)  # a same-name tensor of another shape is not reused elsewhere
             left.append(key)
     for key in left:
         leaf = key.rsplit(".", 1)[-1]
         for skey, svalue in source.items():
-            if (skey not in used and skey.rsplit(".", 1)[-1] == leaf
-                    and svalue.shape == target[key].shape):
+            if (
+                skey not in used
+                and skey.rsplit(".", 1)[-1] == leaf
+                and svalue.shape == target[key].shape
+            ):
                 pairs.append((skey, key))
                 used.add(skey)
                 break
@@ -177,8 +190,10 @@ class Transfer:
         rest = [p for p in self.params if id(p) not in enc]
         if self.mode == "frozen":
             return [{"params": rest, "lr": lr}]
-        return [{"params": rest, "lr": lr},
-                {"params": self.encoder_parameters(), "lr": lr * self.encoder_lr_scale}]
+        return [
+            {"params": rest, "lr": lr},
+            {"params": self.encoder_parameters(), "lr": lr * self.encoder_lr_scale},
+        ]
 
     def frozen_at(self, step: int) -> bool:
         return self.mode == "frozen" or (self.mode == "gradual" and step < self.unfreeze_after)
@@ -208,14 +223,18 @@ def prepare(model: nn.Module, cfg: RunConfig, run_dir: str | Path) -> Transfer:
     """
     t = cfg.transfer
     if not t.init_from:
-        raise LowlabelError(f"config key 'transfer.init_from': transfer mode '{t.mode}' needs a "
-                            "pretrained checkpoint or pretraining run folder")
+        raise LowlabelError(
+            f"config key 'transfer.init_from': transfer mode '{t.mode}' needs a "
+            "pretrained checkpoint or pretraining run folder"
+        )
     path = resolve_source(t.init_from)
     tensors, meta = checkpoint.load(path)
     src = source_model(tensors, meta, path)
     if src.spatial_dims != cfg.data.spatial_dims:
-        raise LowlabelError(f"{path}: pretrained with data.spatial_dims={src.spatial_dims}, "
-                            f"this run uses {cfg.data.spatial_dims}; they must agree")
+        raise LowlabelError(
+            f"{path}: pretrained with data.spatial_dims={src.spatial_dims}, "
+            f"this run uses {cfg.data.spatial_dims}; they must agree"
+        )
     src_blocks, tgt_blocks = encoder_blocks(src), encoder_blocks(model)
     src_names, tgt_names = block_names(src), block_names(model)
     levels, loaded, skipped, mismatched, encoder = [], [], [], [], []
@@ -225,23 +244,43 @@ def prepare(model: nn.Module, cfg: RunConfig, run_dir: str | Path) -> Transfer:
             pairs, bad = match_level(s_state, t_state)
             for skey, tkey in pairs:
                 t_state[tkey].copy_(s_state[skey])
-                loaded.append({"level": k, "source": f"{src_names[k]}.{skey}",
-                               "target": f"{tgt_names[k]}.{tkey}",
-                               "shape": list(t_state[tkey].shape)})
+                loaded.append(
+                    {
+                        "level": k,
+                        "source": f"{src_names[k]}.{skey}",
+                        "target": f"{tgt_names[k]}.{tkey}",
+                        "shape": list(t_state[tkey].shape),
+                    }
+                )
             done = {tkey for _, tkey in pairs}
             skipped += [f"{tgt_names[k]}.{key}" for key in t_state if key not in done]
             mismatched += [dict(b, level=k, key=f"{tgt_names[k]}.{b['key']}") for b in bad]
             if pairs:
-                levels.append({"level": k, "source": src_names[k], "target": tgt_names[k],
-                               "tensors": len(pairs), "of": len(t_state)})
+                levels.append(
+                    {
+                        "level": k,
+                        "source": src_names[k],
+                        "target": tgt_names[k],
+                        "tensors": len(pairs),
+                        "of": len(t_state),
+                    }
+                )
                 encoder.append(tgt_blocks[k])
     report = {
-        "source": str(path), "source_kind": meta.get("kind"), "source_method": meta.get("method"),
-        "source_step": meta.get("step"), "mode": t.mode,
-        "encoder_lr_scale": t.encoder_lr_scale, "unfreeze_after": t.unfreeze_after,
-        "source_levels": len(src_blocks), "target_levels": len(tgt_blocks),
-        "levels_mapped": levels, "n_loaded": len(loaded), "loaded": loaded,
-        "skipped": skipped, "shape_mismatches": mismatched,
+        "source": str(path),
+        "source_kind": meta.get("kind"),
+        "source_method": meta.get("method"),
+        "source_step": meta.get("step"),
+        "mode": t.mode,
+        "encoder_lr_scale": t.encoder_lr_scale,
+        "unfreeze_after": t.unfreeze_after,
+        "source_levels": len(src_blocks),
+        "target_levels": len(tgt_blocks),
+        "levels_mapped": levels,
+        "n_loaded": len(loaded),
+        "loaded": loaded,
+        "skipped": skipped,
+        "shape_mismatches": mismatched,
         "unmapped_source_levels": list(range(len(tgt_blocks), len(src_blocks))),
         "unmapped_target_levels": list(range(len(src_blocks), len(tgt_blocks))),
     }
@@ -254,10 +293,12 @@ def prepare(model: nn.Module, cfg: RunConfig, run_dir: str | Path) -> Transfer:
             "the segmentation run"
         )
     write_json(Path(run_dir) / "transfer.json", report)
-    log.info("transfer: %d tensors loaded into levels %s", len(loaded),
-             [lv["level"] for lv in levels])
-    setup = Transfer(t.mode, encoder, list(model.parameters()), t.encoder_lr_scale,
-                     t.unfreeze_after, report)
+    log.info(
+        "transfer: %d tensors loaded into levels %s", len(loaded), [lv["level"] for lv in levels]
+    )
+    setup = Transfer(
+        t.mode, encoder, list(model.parameters()), t.encoder_lr_scale, t.unfreeze_after, report
+    )
     if setup.frozen_at(0):
         for p in setup.encoder_parameters():
             p.requires_grad_(False)

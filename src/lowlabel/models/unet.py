@@ -18,8 +18,9 @@ def level_channels(cfg: ModelConfig) -> list[int]:
     return [cfg.channels * 2**i for i in range(cfg.levels)]
 
 
-def build_model(cfg: ModelConfig, spatial_dims: int, in_channels: int = 1,
-                out_channels: int = N_CLASSES) -> nn.Module:
+def build_model(
+    cfg: ModelConfig, spatial_dims: int, in_channels: int = 1, out_channels: int = N_CLASSES
+) -> nn.Module:
     """A MONAI ``UNet`` (or ``DynUNet``) with ``cfg.levels`` levels.
 
     Input ``(B, in_channels, H, W[, D])``; output logits ``(B, out_channels, H, W[, D])``.
@@ -29,15 +30,30 @@ def build_model(cfg: ModelConfig, spatial_dims: int, in_channels: int = 1,
         from monai.networks.nets import DynUNet
 
         strides = [1] + [2] * (cfg.levels - 1)
-        return DynUNet(spatial_dims, in_channels, out_channels, kernel_size=[3] * cfg.levels,
-                       strides=strides, upsample_kernel_size=strides[1:], filters=channels,
-                       dropout=cfg.dropout or None, norm_name=cfg.norm,
-                       res_block=cfg.num_res_units > 0)
+        return DynUNet(
+            spatial_dims,
+            in_channels,
+            out_channels,
+            kernel_size=[3] * cfg.levels,
+            strides=strides,
+            upsample_kernel_size=strides[1:],
+            filters=channels,
+            dropout=cfg.dropout or None,
+            norm_name=cfg.norm,
+            res_block=cfg.num_res_units > 0,
+        )
     from monai.networks.nets import UNet
 
-    return UNet(spatial_dims, in_channels, out_channels, channels=channels,
-                strides=[2] * (cfg.levels - 1), num_res_units=cfg.num_res_units,
-                dropout=cfg.dropout, norm=cfg.norm)
+    return UNet(
+        spatial_dims,
+        in_channels,
+        out_channels,
+        channels=channels,
+        strides=[2] * (cfg.levels - 1),
+        num_res_units=cfg.num_res_units,
+        dropout=cfg.dropout,
+        norm=cfg.norm,
+    )
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -28,9 +28,15 @@ from lowlabel.study.stats import Difference, Summary, paired, summarize
 
 log = logging.getLogger(__name__)
 
-TRAIN_COLUMNS = {"test_loss": "Test loss", "mean_dice": "Mean Dice", "dice_csf": "Dice CSF",
-                 "dice_wm": "Dice WM", "dice_gm": "Dice GM", "steps": "Steps run",
-                 "best_step": "Best step"}
+TRAIN_COLUMNS = {
+    "test_loss": "Test loss",
+    "mean_dice": "Mean Dice",
+    "dice_csf": "Dice CSF",
+    "dice_wm": "Dice WM",
+    "dice_gm": "Dice GM",
+    "steps": "Steps run",
+    "best_step": "Best step",
+}
 PRETRAIN_COLUMNS = {"train_loss": "Train loss", "val_mse": "Val loss (MSE)", "val_mae": "Val MAE"}
 
 
@@ -96,8 +102,18 @@ def load_runs(study_dir: Path) -> tuple[dict, list[Run]]:
             except json.JSONDecodeError:
                 result = None
         metrics = read_jsonl(folder / "metrics.jsonl") if folder else []
-        runs.append(Run(cell["key"], cell["kind"], cell["seed"], cell["labels"], folder, result,
-                        metrics, cell["config"]))
+        runs.append(
+            Run(
+                cell["key"],
+                cell["kind"],
+                cell["seed"],
+                cell["labels"],
+                folder,
+                result,
+                metrics,
+                cell["config"],
+            )
+        )
     return plan, runs
 
 
@@ -142,8 +158,11 @@ def _groups(plan: dict, runs: list[Run], table: str) -> list[tuple[dict[str, str
         if table in run.labels:
             out[tuple(run.labels[table].get(a, "") for a in axes)].append(run)
     order = [tuple(levels) for levels in _product([plan["axes"][a] for a in axes])]
-    return [(dict(zip(axes, key, strict=True)), sorted(out[key], key=lambda r: r.seed))
-            for key in order if key in out]
+    return [
+        (dict(zip(axes, key, strict=True)), sorted(out[key], key=lambda r: r.seed))
+        for key in order
+        if key in out
+    ]
 
 
 def _product(lists: list[list[str]]) -> list[list[str]]:
@@ -157,8 +176,11 @@ def train_table(plan: dict, runs: list[Run], name: str) -> Table:
     spec = plan["tables"][name]
     axes = spec.get("axes") or []
     metrics = spec.get("metrics") or list(TRAIN_COLUMNS)
-    header = ([a.capitalize() for a in axes] + [TRAIN_COLUMNS.get(m, m) for m in metrics]
-              + ["Stopped early", "Seeds"])
+    header = (
+        [a.capitalize() for a in axes]
+        + [TRAIN_COLUMNS.get(m, m) for m in metrics]
+        + ["Stopped early", "Seeds"]
+    )
     rows = []
     for labels, group in _groups(plan, runs, name):
         done = [r for r in group if r.result is not None]
@@ -169,14 +191,17 @@ def train_table(plan: dict, runs: list[Run], name: str) -> Table:
         cells.append(f"{sum(bool(r.result.get('stopped_early')) for r in done)}/{len(done)}")
         cells.append(f"{len(done)}/{len(group)}")
         rows.append(cells)
-    note = ("Each cell: mean ± SD [95% CI] over seeds (each seed also draws the labelled "
-            "subjects); a single number when there is one seed or all seeds agree.")
+    note = (
+        "Each cell: mean ± SD [95% CI] over seeds (each seed also draws the labelled "
+        "subjects); a single number when there is one seed or all seeds agree."
+    )
     return Table(name, spec.get("title", name), header, rows, note)
 
 
 def _pretrain_runs(runs: list[Run], plan: dict, name: str) -> list[Run]:
-    return sorted([r for r in runs if name in r.labels and r.kind == "pretrain"],
-                  key=lambda r: r.seed)
+    return sorted(
+        [r for r in runs if name in r.labels and r.kind == "pretrain"], key=lambda r: r.seed
+    )
 
 
 def _row_at(metrics: list[dict], step: int) -> dict | None:
@@ -197,8 +222,13 @@ def pretrain_table(plan: dict, runs: list[Run], name: str) -> Table:
             cells.append(summarize(float(f.get(key, float("nan"))) for f in found).text(4))
         cells.append(f"{len(found)}/{len(group)}")
         rows.append(cells)
-    return Table(name, spec.get("title", name), header, rows,
-                 "Mean ± SD [95% CI] over seeds; validation on held-out validation subjects.")
+    return Table(
+        name,
+        spec.get("title", name),
+        header,
+        rows,
+        "Mean ± SD [95% CI] over seeds; validation on held-out validation subjects.",
+    )
 
 
 def comparisons(plan: dict, runs: list[Run]) -> list[Difference]:
@@ -208,11 +238,16 @@ def comparisons(plan: dict, runs: list[Run]) -> list[Difference]:
         side = {}
         for key in ("a", "b"):
             want = {k: str(v) for k, v in comp[key].items()}
-            side[key] = {str(r.seed): r.value(metric) for r in runs
-                         if table in r.labels and r.result is not None
-                         and all(r.labels[table].get(k) == v for k, v in want.items())}
-        out.append(paired(comp.get("name", f"{comp['a']} vs {comp['b']}"), metric,
-                          side["a"], side["b"]))
+            side[key] = {
+                str(r.seed): r.value(metric)
+                for r in runs
+                if table in r.labels
+                and r.result is not None
+                and all(r.labels[table].get(k) == v for k, v in want.items())
+            }
+        out.append(
+            paired(comp.get("name", f"{comp['a']} vs {comp['b']}"), metric, side["a"], side["b"])
+        )
     return out
 
 
@@ -252,8 +287,13 @@ def learning_curves(plan: dict, runs: list[Run], name: str, path: Path) -> Path 
             steps = [r["step"] for r in run.metrics]
             alpha = 1.0 if j == 0 else 0.45
             label = ", ".join(labels.values()) if j == 0 else None
-            ax_loss.plot(steps, [r["train_loss"] for r in run.metrics], color=colour, alpha=alpha,
-                         label=label)
+            ax_loss.plot(
+                steps,
+                [r["train_loss"] for r in run.metrics],
+                color=colour,
+                alpha=alpha,
+                label=label,
+            )
             ax_dice.plot(steps, [r["val_dice"] for r in run.metrics], color=colour, alpha=alpha)
             if run.result:
                 best = run.result.get("best_step")
@@ -261,11 +301,19 @@ def learning_curves(plan: dict, runs: list[Run], name: str, path: Path) -> Path 
                 if at:
                     ax_dice.plot([best], at, "o", color=colour, alpha=alpha, ms=4)
                 if run.result.get("stopped_early"):
-                    ax_dice.plot([steps[-1]], [run.metrics[-1]["val_dice"]], "x", color=colour,
-                                 alpha=alpha, ms=8, mew=2)
+                    ax_dice.plot(
+                        [steps[-1]],
+                        [run.metrics[-1]["val_dice"]],
+                        "x",
+                        color=colour,
+                        alpha=alpha,
+                        ms=8,
+                        mew=2,
+                    )
     ax_loss.set(xlabel="step", ylabel="training loss (Dice + CE)", title="Training loss")
-    ax_dice.set(xlabel="step", ylabel="validation mean Dice",
-                title="Validation Dice (o best, x early stop)")
+    ax_dice.set(
+        xlabel="step", ylabel="validation mean Dice", title="Validation Dice (o best, x early stop)"
+    )
     ax_loss.legend(fontsize=7, loc="upper right")
     for ax in (ax_loss, ax_dice):
         ax.grid(alpha=0.3)
@@ -285,9 +333,13 @@ def pretrain_curves(runs: list[Run], path: Path) -> Path | None:
         colour = colours(methods.index(method) % 10)
         steps = [r["step"] for r in run.metrics]
         for ax, key in zip(axes, PRETRAIN_COLUMNS, strict=True):
-            ax.plot(steps, [r.get(key, float("nan")) for r in run.metrics], color=colour,
-                    alpha=1.0 if run.seed == pre[0].seed else 0.45,
-                    label=method if run.seed == min(p.seed for p in pre) else None)
+            ax.plot(
+                steps,
+                [r.get(key, float("nan")) for r in run.metrics],
+                color=colour,
+                alpha=1.0 if run.seed == pre[0].seed else 0.45,
+                label=method if run.seed == min(p.seed for p in pre) else None,
+            )
     for ax, title in zip(axes, PRETRAIN_COLUMNS.values(), strict=True):
         ax.set(xlabel="step", title=title)
         ax.grid(alpha=0.3)
@@ -304,8 +356,12 @@ def dice_vs_labels(runs: list[Run], path: Path) -> Path | None:
         if run.config.get("transfer", {}).get("mode", "scratch") != "scratch":
             continue
         m, t = run.config["model"], run.config["train"]
-        name = (f"{m['levels']}-level" + (f" res{m['num_res_units']}" if m["num_res_units"] else "")
-                + f" p{t['patience']}" + (f" {t['steps']} steps" if t["steps"] else ""))
+        name = (
+            f"{m['levels']}-level"
+            + (f" res{m['num_res_units']}" if m["num_res_units"] else "")
+            + f" p{t['patience']}"
+            + (f" {t['steps']} steps" if t["steps"] else "")
+        )
         points[name][int(run.result["n_labelled"])].append(run.value("mean_dice"))
     if not points:
         return None
@@ -317,10 +373,19 @@ def dice_vs_labels(runs: list[Run], path: Path) -> Path | None:
         s = [summarize(by_n[n]) for n in ns]
         lo = [x.mean - x.ci_low if x.n > 1 else 0 for x in s]
         hi = [x.ci_high - x.mean if x.n > 1 else 0 for x in s]
-        ax.errorbar([n + shift for n in ns], [x.mean for x in s], yerr=[lo, hi], marker="o",
-                    capsize=3, label=name)
-    ax.set(xlabel="labelled training subjects", ylabel="test mean Dice (95% CI over seeds)",
-           title="Dice against the number of labelled subjects")
+        ax.errorbar(
+            [n + shift for n in ns],
+            [x.mean for x in s],
+            yerr=[lo, hi],
+            marker="o",
+            capsize=3,
+            label=name,
+        )
+    ax.set(
+        xlabel="labelled training subjects",
+        ylabel="test mean Dice (95% CI over seeds)",
+        title="Dice against the number of labelled subjects",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, path)
@@ -353,10 +418,12 @@ def overlay_slice(run: Run) -> dict | None:
     with torch.no_grad():
         pred = predict_logits(model, item["image"], cfg).argmax(0)
     z = item["image"].shape[-1] // 2
-    out = {"image": np.asarray(item["image"][0, :, :, z], dtype=np.float32),
-           "label": np.asarray(item["label"][0, :, :, z], dtype=np.uint8),
-           "pred": np.asarray(pred[:, :, z], dtype=np.uint8),
-           "subject": np.asarray(subject["id"])}
+    out = {
+        "image": np.asarray(item["image"][0, :, :, z], dtype=np.float32),
+        "label": np.asarray(item["label"][0, :, :, z], dtype=np.uint8),
+        "pred": np.asarray(pred[:, :, z], dtype=np.uint8),
+        "subject": np.asarray(subject["id"]),
+    }
     with atomic_path(cache) as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, **out)
@@ -381,12 +448,14 @@ def overlays(plan: dict, runs: list[Run], name: str, path: Path) -> Path | None:
     plt = _plt()
     from matplotlib.colors import ListedColormap
 
-    cmap = ListedColormap([(0, 0, 0, 0), (0.2, 0.5, 1, 0.55), (0.2, 0.85, 0.3, 0.55),
-                           (1, 0.85, 0.1, 0.55)])
+    cmap = ListedColormap(
+        [(0, 0, 0, 0), (0.2, 0.5, 1, 0.55), (0.2, 0.85, 0.3, 0.55), (1, 0.85, 0.1, 0.55)]
+    )
     first = shown[0][2]
     panels = [("image", None, first), ("truth", "label", first)]
-    panels += [(f"{label}\nDice {run.value('mean_dice'):.3f}", "pred", data)
-               for label, run, data in shown]
+    panels += [
+        (f"{label}\nDice {run.value('mean_dice'):.3f}", "pred", data) for label, run, data in shown
+    ]
     cols = min(4, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.5 * rows), squeeze=False)
@@ -397,8 +466,11 @@ def overlays(plan: dict, runs: list[Run], name: str, path: Path) -> Path | None:
         if key:
             ax.imshow(np.rot90(data[key]), cmap=cmap, vmin=0, vmax=3, interpolation="nearest")
         ax.set_title(title, fontsize=8)
-    fig.suptitle(f"Test subject {first['subject']} (seed {shown[0][1].seed}), mid-axial slice: "
-                 "CSF blue, GM green, WM yellow", fontsize=9)
+    fig.suptitle(
+        f"Test subject {first['subject']} (seed {shown[0][1].seed}), mid-axial slice: "
+        "CSF blue, GM green, WM yellow",
+        fontsize=9,
+    )
     fig.tight_layout()
     return _save(fig, path)
 
@@ -415,16 +487,23 @@ def _md_table(table: Table) -> str:
 
 def _html_table(table: Table) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in table.header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
-                   for row in table.rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table.rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _diff_rows(diffs: list[Difference]) -> Table:
-    rows = [[d.name, d.metric, d.a.text(), d.b.text(), d.diff.text(), str(d.diff.n), d.verdict]
-            for d in diffs]
-    return Table("comparisons", "Paired differences (a - b, paired by seed)",
-                 ["Comparison", "Metric", "a", "b", "a - b", "Pairs", "Conclusion"], rows)
+    rows = [
+        [d.name, d.metric, d.a.text(), d.b.text(), d.diff.text(), str(d.diff.n), d.verdict]
+        for d in diffs
+    ]
+    return Table(
+        "comparisons",
+        "Paired differences (a - b, paired by seed)",
+        ["Comparison", "Metric", "a", "b", "a - b", "Pairs", "Conclusion"],
+        rows,
+    )
 
 
 def _fmt(summary: Summary) -> str:
@@ -433,20 +512,55 @@ def _fmt(summary: Summary) -> str:
 
 def runs_csv(runs: list[Run]) -> str:
     """One row per distinct run (a run shared by two tables appears once)."""
-    fields = ["key", "kind", "status", "seed", "tables", "run_dir", "n_labelled", "steps",
-              "best_step", "stopped_early", "best_val_dice", "test_loss", "mean_dice", "dice_csf",
-              "dice_gm", "dice_wm", "hd95_mean", "train_loss", "val_mse", "val_mae", "seconds"]
+    fields = [
+        "key",
+        "kind",
+        "status",
+        "seed",
+        "tables",
+        "run_dir",
+        "n_labelled",
+        "steps",
+        "best_step",
+        "stopped_early",
+        "best_val_dice",
+        "test_loss",
+        "mean_dice",
+        "dice_csf",
+        "dice_gm",
+        "dice_wm",
+        "hd95_mean",
+        "train_loss",
+        "val_mse",
+        "val_mae",
+        "seconds",
+    ]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     for run in runs:
-        row = {"key": run.key, "kind": run.kind, "status": run.status, "seed": run.seed,
-               "tables": ";".join(f"{t}:" + ",".join(f"{a}={v}" for a, v in lab.items())
-                                  for t, lab in sorted(run.labels.items())),
-               "run_dir": str(run.folder) if run.folder else ""}
+        row = {
+            "key": run.key,
+            "kind": run.kind,
+            "status": run.status,
+            "seed": run.seed,
+            "tables": ";".join(
+                f"{t}:" + ",".join(f"{a}={v}" for a, v in lab.items())
+                for t, lab in sorted(run.labels.items())
+            ),
+            "run_dir": str(run.folder) if run.folder else "",
+        }
         res = run.result or {}
-        for key in ("n_labelled", "steps", "best_step", "stopped_early", "best_val_dice",
-                    "train_loss", "val_mse", "val_mae"):
+        for key in (
+            "n_labelled",
+            "steps",
+            "best_step",
+            "stopped_early",
+            "best_val_dice",
+            "train_loss",
+            "val_mse",
+            "val_mae",
+        ):
             if key in res:
                 row[key] = res[key]
         row["seconds"] = res.get("train_seconds", res.get("seconds", ""))
@@ -481,8 +595,13 @@ def build_report(study_dir: str | Path, overlays_on: bool = True) -> Path:
     blocks.append(("h1", f"Study {plan['study']} ({plan['profile']} profile)"))
     if plan.get("description"):
         blocks.append(("p", plan["description"]))
-    blocks.append(("p", f"{finished} of {len(runs)} runs finished; every run is listed once in "
-                        "runs.csv. Study file: study.yaml; expanded plan: plan.json."))
+    blocks.append(
+        (
+            "p",
+            f"{finished} of {len(runs)} runs finished; every run is listed once in "
+            "runs.csv. Study file: study.yaml; expanded plan: plan.json.",
+        )
+    )
     pre_done = False
     for name, spec in plan["tables"].items():
         if "pretraining" in spec:
@@ -496,9 +615,17 @@ def build_report(study_dir: str | Path, overlays_on: bool = True) -> Path:
             for run in _pretrain_runs(runs, plan, name)[:1]:
                 fig = (run.result or {}).get("figure")
                 if fig and Path(fig).exists():
-                    blocks.append(("img", (Path(fig), f"Reconstructions at each saved step "
-                                                      f"(seed {run.seed}): input, reconstruction, "
-                                                      "error")))
+                    blocks.append(
+                        (
+                            "img",
+                            (
+                                Path(fig),
+                                f"Reconstructions at each saved step "
+                                f"(seed {run.seed}): input, reconstruction, "
+                                "error",
+                            ),
+                        )
+                    )
             continue
         table = train_table(plan, runs, name)
         blocks.append(("h2", table.title))
@@ -537,13 +664,18 @@ def build_report(study_dir: str | Path, overlays_on: bool = True) -> Path:
             rel = img.relative_to(study_dir) if img.is_relative_to(study_dir) else img
             md.append(f"![{caption}]({rel})")
             data = base64.b64encode(img.read_bytes()).decode()
-            body.append(f'<figure><img alt="{html.escape(caption)}" '
-                        f'src="data:image/png;base64,{data}"><figcaption>'
-                        f"{html.escape(caption)}</figcaption></figure>")
+            body.append(
+                f'<figure><img alt="{html.escape(caption)}" '
+                f'src="data:image/png;base64,{data}"><figcaption>'
+                f"{html.escape(caption)}</figcaption></figure>"
+            )
     write_text(study_dir / "report.md", "\n\n".join(md) + "\n")
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>"
-            f"{html.escape(plan['study'])} study</title><style>{_CSS}</style></head><body>"
-            + "\n".join(body) + "</body></html>\n")
+    page = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>"
+        f"{html.escape(plan['study'])} study</title><style>{_CSS}</style></head><body>"
+        + "\n".join(body)
+        + "</body></html>\n"
+    )
     write_text(study_dir / "report.html", page)
     return study_dir / "report.html"
 
@@ -556,8 +688,9 @@ def _summary_words(diffs: list[Difference]) -> str:
     if holds:
         parts.append("Differences that hold (95% CI excludes 0): " + "; ".join(holds) + ".")
     if noise:
-        parts.append("Within noise (95% CI contains 0), so no conclusion: " + "; ".join(noise)
-                     + ".")
+        parts.append(
+            "Within noise (95% CI contains 0), so no conclusion: " + "; ".join(noise) + "."
+        )
     if few:
         parts.append("Too few paired seeds for an interval: " + "; ".join(few) + ".")
     return " ".join(parts) or "No comparisons could be made yet."

@@ -104,8 +104,12 @@ class LocalBackend:
 
         self.jobs, self.threads = jobs, threads
         # spawn, not fork: forking a parent that loaded torch can deadlock OpenMP in the child
-        self.pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
-                                           initializer=_pin_threads, initargs=(threads,))
+        self.pool = cf.ProcessPoolExecutor(
+            max_workers=jobs,
+            mp_context=mp.get_context("spawn"),
+            initializer=_pin_threads,
+            initargs=(threads,),
+        )
 
     def submit(self, kind: str, config: dict) -> cf.Future:
         return self.pool.submit(run_cell, kind, config, 0)
@@ -127,8 +131,10 @@ class RayBackend:
             try:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False)
             except ConnectionError as err:
-                raise LowlabelError(f"--address {address}: cannot reach a Ray cluster ({err}); "
-                                    "start one with 'ray start --head' or drop --address") from None
+                raise LowlabelError(
+                    f"--address {address}: cannot reach a Ray cluster ({err}); "
+                    "start one with 'ray start --head' or drop --address"
+                ) from None
         # size the runs by the cluster, not by this machine: a task asking for more CPUs than
         # the cluster has would wait forever
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -147,9 +153,14 @@ class RayBackend:
 # the study
 
 
-def prepare(study: Study | str | Path, profile: str = "quick", data: str | None = None,
-            study_dir: str | Path | None = None, seeds: list[int] | None = None,
-            overrides: dict | None = None) -> tuple[Study, Path, list[Cell]]:
+def prepare(
+    study: Study | str | Path,
+    profile: str = "quick",
+    data: str | None = None,
+    study_dir: str | Path | None = None,
+    seeds: list[int] | None = None,
+    overrides: dict | None = None,
+) -> tuple[Study, Path, list[Cell]]:
     """Load, expand and check a study; write its plan. Nothing runs yet.
 
     Raises:
@@ -166,8 +177,10 @@ def prepare(study: Study | str | Path, profile: str = "quick", data: str | None 
         try:
             import lowlabel.engine.pretrain  # noqa: F401
         except ImportError:
-            raise LowlabelError(f"{study.path}: the study has pretraining runs but this "
-                                "installation has no lowlabel.engine.pretrain") from None
+            raise LowlabelError(
+                f"{study.path}: the study has pretraining runs but this "
+                "installation has no lowlabel.engine.pretrain"
+            ) from None
     check(cells)
     _make_splits(cells)
     write_text(study_dir / "plan.json", plan_json(study, profile, cells))
@@ -184,8 +197,17 @@ def _make_splits(cells: list[Cell]) -> None:
     datasets: dict = {}
     for cell in cells:
         d = cell.cfg.data
-        key = (d.dataset, d.demo_subjects, d.demo_spacing, d.split_seed, d.n_test, d.n_val,
-               d.budget, d.draw, cell.cfg.out)
+        key = (
+            d.dataset,
+            d.demo_subjects,
+            d.demo_spacing,
+            d.split_seed,
+            d.n_test,
+            d.n_val,
+            d.budget,
+            d.draw,
+            cell.cfg.out,
+        )
         if key in seen:
             continue
         seen.add(key)
@@ -195,11 +217,20 @@ def _make_splits(cells: list[Cell]) -> None:
         resolve_splits(cell.cfg, datasets[src])
 
 
-def run_study(study: Study | str | Path, profile: str = "quick", data: str | None = None,
-              study_dir: str | Path | None = None, backend: str = "local",
-              address: str | None = None, jobs: int = 0, mlflow_uri: str | None = None,
-              seeds: list[int] | None = None, overrides: dict | None = None,
-              progress: bool = True, report: bool = True) -> StudyResult:
+def run_study(
+    study: Study | str | Path,
+    profile: str = "quick",
+    data: str | None = None,
+    study_dir: str | Path | None = None,
+    backend: str = "local",
+    address: str | None = None,
+    jobs: int = 0,
+    mlflow_uri: str | None = None,
+    seeds: list[int] | None = None,
+    overrides: dict | None = None,
+    progress: bool = True,
+    report: bool = True,
+) -> StudyResult:
     """Expand, check and run a study, then write its report.
 
     Args:
@@ -233,8 +264,12 @@ def run_study(study: Study | str | Path, profile: str = "quick", data: str | Non
     ran = skipped = 0
     by_key = {c.key: c for c in cells}
     waiting = list(cells)  # pretraining first, then plain runs, then transfer runs
-    bar = tqdm(total=len(cells), desc=f"study {study.name} ({profile})", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=len(cells),
+        desc=f"study {study.name} ({profile})",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
 
     def ready(cell: Cell) -> Cell | None | bool:
         """The cell to submit (transfer cells resolved), False to wait, None if it cannot run."""
@@ -251,9 +286,10 @@ def run_study(study: Study | str | Path, profile: str = "quick", data: str | Non
             failed[cell.key] = str(err)
             return None
         if by_key[cell.key] is cell:  # first resolution: keep the plan current, so that the
-            by_key[cell.key] = state   # report of an interrupted study finds this run
-            write_text(study_dir / "plan.json",
-                       plan_json(study, profile, [by_key[c.key] for c in cells]))
+            by_key[cell.key] = state  # report of an interrupted study finds this run
+            write_text(
+                study_dir / "plan.json", plan_json(study, profile, [by_key[c.key] for c in cells])
+            )
         return state
 
     running: dict[cf.Future, Cell] = {}
@@ -308,8 +344,14 @@ def run_study(study: Study | str | Path, profile: str = "quick", data: str | Non
         bar.close()
         final = [by_key[c.key] for c in cells]
         write_text(study_dir / "plan.json", plan_json(study, profile, final))
-    out = StudyResult(study_dir=str(study_dir), runs=len(cells), ran=ran, skipped=skipped,
-                      failed=failed, seconds=round(time.perf_counter() - t0, 1))
+    out = StudyResult(
+        study_dir=str(study_dir),
+        runs=len(cells),
+        ran=ran,
+        skipped=skipped,
+        failed=failed,
+        seconds=round(time.perf_counter() - t0, 1),
+    )
     if report:
         from lowlabel.study.report import build_report
 
@@ -317,8 +359,10 @@ def run_study(study: Study | str | Path, profile: str = "quick", data: str | Non
     write_json(study_dir / "study_result.json", dataclasses.asdict(out))
     if failed:
         key, why = next(iter(failed.items()))
-        raise LowlabelError(f"{len(failed)} of {len(cells)} runs failed (first: {key}: {why}); "
-                            f"fix the cause and rerun to finish only what is missing")
+        raise LowlabelError(
+            f"{len(failed)} of {len(cells)} runs failed (first: {key}: {why}); "
+            f"fix the cause and rerun to finish only what is missing"
+        )
     return out
 
 
@@ -358,8 +402,10 @@ def _mlflow(uri: str):
     except ImportError:
         raise LowlabelError("--mlflow needs MLflow: pip install 'lowlabel[mlflow]'") from None
     if not uri.startswith(("sqlite:", "http:", "https:", "postgresql", "mysql", "databricks")):
-        raise LowlabelError(f"--mlflow {uri}: give a database or server URI such as "
-                            "sqlite:///mlflow.db (plain folders are refused by current MLflow)")
+        raise LowlabelError(
+            f"--mlflow {uri}: give a database or server URI such as "
+            "sqlite:///mlflow.db (plain folders are refused by current MLflow)"
+        )
     mlflow.set_tracking_uri(uri)
 
     def log_run(cell: Cell, result: dict) -> None:
@@ -367,18 +413,34 @@ def _mlflow(uri: str):
         mlflow.set_experiment(Path(cell.cfg.out).parent.name)
         with mlflow.start_run(run_name=folder.name):
             mlflow.log_params(_flat(to_dict(cell.cfg)))
-            mlflow.set_tags({"kind": cell.kind, "seed": cell.seed,
-                             "tables": ",".join(sorted(cell.labels))})
+            mlflow.set_tags(
+                {"kind": cell.kind, "seed": cell.seed, "tables": ",".join(sorted(cell.labels))}
+            )
             for row in read_jsonl(folder / "metrics.jsonl"):
                 step = int(row.pop("step", 0))
-                mlflow.log_metrics({k: float(v) for k, v in row.items()
-                                    if isinstance(v, (int, float)) and not isinstance(v, bool)},
-                                   step=step)
+                mlflow.log_metrics(
+                    {
+                        k: float(v)
+                        for k, v in row.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)
+                    },
+                    step=step,
+                )
             test = result.get("test") or {}
-            mlflow.log_metrics({f"test_{k}" if not k.startswith("test") else k: float(v)
-                                for k, v in test.items() if isinstance(v, (int, float))})
-            for name in ("config.yaml", "result.json", "metrics.jsonl", "evaluation.csv",
-                         "reconstructions.png"):
+            mlflow.log_metrics(
+                {
+                    f"test_{k}" if not k.startswith("test") else k: float(v)
+                    for k, v in test.items()
+                    if isinstance(v, (int, float))
+                }
+            )
+            for name in (
+                "config.yaml",
+                "result.json",
+                "metrics.jsonl",
+                "evaluation.csv",
+                "reconstructions.png",
+            ):
                 if (folder / name).exists():
                     mlflow.log_artifact(str(folder / name))
 
@@ -393,4 +455,3 @@ def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
-

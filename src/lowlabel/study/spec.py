@@ -29,8 +29,17 @@ PROFILES = ("quick", "cpu", "paper")
 STEP_KEYS = ("train.steps", "pretrain.steps", "pretrain.save_steps")
 TRAIN_METRICS = ("test_loss", "mean_dice", "dice_csf", "dice_wm", "dice_gm", "steps")
 PRETRAIN_METRICS = ("train_loss", "val_mse", "val_mae")
-_TOP_KEYS = {"name", "description", "base", "seeds", "profiles", "axes", "pretraining", "tables",
-             "comparisons"}
+_TOP_KEYS = {
+    "name",
+    "description",
+    "base",
+    "seeds",
+    "profiles",
+    "axes",
+    "pretraining",
+    "tables",
+    "comparisons",
+}
 _REF = re.compile(r"^@([\w.-]+)(?::(\d+))?$")
 
 
@@ -81,10 +90,16 @@ class Cell:
 
     def to_json(self) -> dict:
         folder = self.run_dir
-        return {"key": self.key, "kind": self.kind, "seed": self.seed, "labels": self.labels,
-                "needs": list(self.needs) if self.needs else None,
-                "pretrain_key": self.pretrain_key,
-                "run_dir": str(folder) if folder else None, "config": to_dict(self.cfg)}
+        return {
+            "key": self.key,
+            "kind": self.kind,
+            "seed": self.seed,
+            "labels": self.labels,
+            "needs": list(self.needs) if self.needs else None,
+            "pretrain_key": self.pretrain_key,
+            "run_dir": str(folder) if folder else None,
+            "config": to_dict(self.cfg),
+        }
 
 
 def _is_ref(value: str | None) -> bool:
@@ -144,22 +159,34 @@ def load_study(name_or_path: str | Path) -> Study:
     raw = _mapping(raw, str(path))
     unknown = sorted(set(raw) - _TOP_KEYS)
     if unknown:
-        raise LowlabelError(f"{path}: unknown study key '{unknown[0]}' "
-                            f"(known: {', '.join(sorted(_TOP_KEYS))})")
+        raise LowlabelError(
+            f"{path}: unknown study key '{unknown[0]}' (known: {', '.join(sorted(_TOP_KEYS))})"
+        )
     seeds = raw.get("seeds", [0])
     if isinstance(seeds, int):
         seeds = list(range(seeds))
     study = Study(
-        name=str(raw.get("name", path.stem)), description=str(raw.get("description", "")).strip(),
-        path=path, base=_mapping(raw.get("base"), f"{path}: base"), seeds=_seed_list(seeds, path),
+        name=str(raw.get("name", path.stem)),
+        description=str(raw.get("description", "")).strip(),
+        path=path,
+        base=_mapping(raw.get("base"), f"{path}: base"),
+        seeds=_seed_list(seeds, path),
         profiles=_mapping(raw.get("profiles"), f"{path}: profiles"),
-        axes={k: _mapping(v, f"{path}: axes.{k}") for k, v in
-              _mapping(raw.get("axes"), f"{path}: axes").items()},
-        pretraining={k: _mapping(v, f"{path}: pretraining.{k}") for k, v in
-                     _mapping(raw.get("pretraining"), f"{path}: pretraining").items()},
-        tables={str(k): _mapping(v, f"{path}: tables.{k}") for k, v in
-                _mapping(raw.get("tables"), f"{path}: tables").items()},
-        comparisons=list(raw.get("comparisons") or []), raw=raw)
+        axes={
+            k: _mapping(v, f"{path}: axes.{k}")
+            for k, v in _mapping(raw.get("axes"), f"{path}: axes").items()
+        },
+        pretraining={
+            k: _mapping(v, f"{path}: pretraining.{k}")
+            for k, v in _mapping(raw.get("pretraining"), f"{path}: pretraining").items()
+        },
+        tables={
+            str(k): _mapping(v, f"{path}: tables.{k}")
+            for k, v in _mapping(raw.get("tables"), f"{path}: tables").items()
+        },
+        comparisons=list(raw.get("comparisons") or []),
+        raw=raw,
+    )
     _check_schema(study)
     return study
 
@@ -175,11 +202,15 @@ def _check_schema(study: Study) -> None:
     for name, prof in study.profiles.items():
         if name not in PROFILES:
             raise LowlabelError(f"{p}: unknown profile '{name}' (known: {', '.join(PROFILES)})")
-        bad = sorted(set(_mapping(prof, f"{p}: profiles.{name}"))
-                     - {"seeds", "scale", "min_train_steps", "set", "pretraining_set"})
+        bad = sorted(
+            set(_mapping(prof, f"{p}: profiles.{name}"))
+            - {"seeds", "scale", "min_train_steps", "set", "pretraining_set"}
+        )
         if bad:
-            raise LowlabelError(f"{p}: profiles.{name}: unknown key '{bad[0]}' "
-                                "(known: seeds, scale, min_train_steps, set, pretraining_set)")
+            raise LowlabelError(
+                f"{p}: profiles.{name}: unknown key '{bad[0]}' "
+                "(known: seeds, scale, min_train_steps, set, pretraining_set)"
+            )
         _mapping(prof.get("set"), f"{p}: profiles.{name}.set")
         _mapping(prof.get("pretraining_set"), f"{p}: profiles.{name}.pretraining_set")
     if not study.tables:
@@ -188,21 +219,27 @@ def _check_schema(study: Study) -> None:
         where = f"{p}: tables.{tname}"
         bad = sorted(set(table) - {"title", "axes", "set", "pretraining", "steps", "metrics"})
         if bad:
-            raise LowlabelError(f"{where}: unknown key '{bad[0]}' "
-                                "(known: title, axes, set, pretraining, steps, metrics)")
+            raise LowlabelError(
+                f"{where}: unknown key '{bad[0]}' "
+                "(known: title, axes, set, pretraining, steps, metrics)"
+            )
         if "pretraining" in table:
             if table["pretraining"] not in study.pretraining:
-                raise LowlabelError(f"{where}: pretraining run '{table['pretraining']}' is not "
-                                    f"defined under 'pretraining' "
-                                    f"(defined: {', '.join(study.pretraining) or 'none'})")
+                raise LowlabelError(
+                    f"{where}: pretraining run '{table['pretraining']}' is not "
+                    f"defined under 'pretraining' "
+                    f"(defined: {', '.join(study.pretraining) or 'none'})"
+                )
             continue
         axes = table.get("axes") or []
         if not isinstance(axes, list):
             raise LowlabelError(f"{where}.axes: expected a list of axis names")
         for axis in axes:
             if axis not in study.axes:
-                raise LowlabelError(f"{where}: unknown axis '{axis}' "
-                                    f"(defined axes: {', '.join(study.axes) or 'none'})")
+                raise LowlabelError(
+                    f"{where}: unknown axis '{axis}' "
+                    f"(defined axes: {', '.join(study.axes) or 'none'})"
+                )
             if not study.axes[axis]:
                 raise LowlabelError(f"{p}: axes.{axis} has no levels")
         _mapping(table.get("set"), f"{where}.set")
@@ -218,8 +255,9 @@ def _check_schema(study: Study) -> None:
         for side in ("a", "b"):
             for axis, level in _mapping(comp[side], f"{where}.{side}").items():
                 if axis not in (table.get("axes") or []):
-                    raise LowlabelError(f"{where}.{side}: table {comp['table']} has no axis "
-                                        f"'{axis}'")
+                    raise LowlabelError(
+                        f"{where}.{side}: table {comp['table']} has no axis '{axis}'"
+                    )
                 if str(level) not in map(str, study.axes[axis]):
                     raise LowlabelError(f"{where}.{side}: axis '{axis}' has no level '{level}'")
 
@@ -245,8 +283,9 @@ def scale_step(step: int, profile: dict) -> int:
     return max(1, round(step * float(profile.get("scale", 1.0))))
 
 
-def _config(layers: list[tuple[str, dict]], scale: float, where: str,
-            cfg: RunConfig | None = None) -> RunConfig:
+def _config(
+    layers: list[tuple[str, dict]], scale: float, where: str, cfg: RunConfig | None = None
+) -> RunConfig:
     cfg = cfg or RunConfig()
     for name, overrides in layers:
         try:
@@ -262,8 +301,10 @@ def _finish(cfg: RunConfig, kind: str, seed: int, out: Path, min_steps: int) -> 
     if kind == "train":
         steps = max(t.steps, min_steps)
         values.update({"train.steps": steps, "train.val_every": min(t.val_every, steps)})
-        values["name"] = (f"seg-L{cfg.model.levels}R{cfg.model.num_res_units}"
-                          f"P{t.patience}-N{cfg.data.budget or 'all'}-{cfg.transfer.mode}-s{seed}")
+        values["name"] = (
+            f"seg-L{cfg.model.levels}R{cfg.model.num_res_units}"
+            f"P{t.patience}-N{cfg.data.budget or 'all'}-{cfg.transfer.mode}-s{seed}"
+        )
     else:
         steps = cfg.pretrain.steps
         saves = sorted({s for s in cfg.pretrain.save_steps if s <= steps} | {steps})
@@ -278,9 +319,14 @@ def profile_of(study: Study, profile: str) -> dict:
     return study.profiles.get(profile, {"scale": 1.0})
 
 
-def expand(study: Study, profile: str = "quick", data: str | None = None,
-           study_dir: str | Path = "study", seeds: list[int] | None = None,
-           overrides: dict[str, Any] | None = None) -> list[Cell]:
+def expand(
+    study: Study,
+    profile: str = "quick",
+    data: str | None = None,
+    study_dir: str | Path = "study",
+    seeds: list[int] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> list[Cell]:
     """Every run of ``study`` under ``profile``, pretraining runs first.
 
     Args:
@@ -314,8 +360,11 @@ def expand(study: Study, profile: str = "quick", data: str | None = None,
     pre_cfgs: dict[tuple[str, int], RunConfig] = {}
     for seed in seeds:
         for name, pre_set in study.pretraining.items():
-            layers = [*head, (f"pretraining.{name}", pre_set),
-                      (f"profiles.{profile}.pretraining_set", prof.get("pretraining_set") or {})]
+            layers = [
+                *head,
+                (f"pretraining.{name}", pre_set),
+                (f"profiles.{profile}.pretraining_set", prof.get("pretraining_set") or {}),
+            ]
             cfg = _config(layers, scale, f"{study.path}: pretraining.{name}")
             cfg = _config([("--set", overrides)], 1.0, f"{study.path}: pretraining.{name}", cfg)
             cfg = _finish(cfg, "pretrain", seed, out, min_steps)
@@ -331,8 +380,10 @@ def expand(study: Study, profile: str = "quick", data: str | None = None,
             for levels in itertools.product(*(list(study.axes[a]) for a in axes)):
                 labels = {a: str(lv) for a, lv in zip(axes, levels, strict=True)}
                 layers = [*head, (f"tables.{tname}.set", table.get("set") or {})]
-                layers += [(f"axes.{a}.{lv}", study.axes[a][lv] or {})
-                           for a, lv in zip(axes, levels, strict=True)]
+                layers += [
+                    (f"axes.{a}.{lv}", study.axes[a][lv] or {})
+                    for a, lv in zip(axes, levels, strict=True)
+                ]
                 where = f"{study.path}: tables.{tname} cell {labels}"
                 cfg = _config([("--set", overrides)], 1.0, where, _config(layers, scale, where))
                 cfg = _finish(cfg, "train", seed, out, min_steps)
@@ -341,26 +392,42 @@ def expand(study: Study, profile: str = "quick", data: str | None = None,
                     needs = _parse_ref(cfg.transfer.init_from, study, pre_cfgs, seed, scale, where)
                     pre_key = f"pretrain/{run_dir(pre_cfgs[(needs[0], seed)]).name}"
                     if cfg.transfer.mode == "scratch":
-                        raise LowlabelError(f"{where}: transfer.init_from is set but "
-                                            "transfer.mode is scratch; choose frozen or finetune")
+                        raise LowlabelError(
+                            f"{where}: transfer.init_from is set but "
+                            "transfer.mode is scratch; choose frozen or finetune"
+                        )
                     cfg = cfg.replace(**{"transfer.init_from": f"@{needs[0]}:{needs[1]}"})
                 elif cfg.transfer.mode != "scratch" and not cfg.transfer.init_from:
-                    raise LowlabelError(f"{where}: transfer.mode is {cfg.transfer.mode} but "
-                                        "transfer.init_from is not set")
-                add(Cell(key=f"train/{run_dir(cfg).name}", kind="train", cfg=cfg, seed=seed,
-                         needs=needs, pretrain_key=pre_key), tname, labels)
+                    raise LowlabelError(
+                        f"{where}: transfer.mode is {cfg.transfer.mode} but "
+                        "transfer.init_from is not set"
+                    )
+                add(
+                    Cell(
+                        key=f"train/{run_dir(cfg).name}",
+                        kind="train",
+                        cfg=cfg,
+                        seed=seed,
+                        needs=needs,
+                        pretrain_key=pre_key,
+                    ),
+                    tname,
+                    labels,
+                )
     ordered = sorted(cells.values(), key=lambda c: (c.kind != "pretrain", c.needs is not None))
     return ordered
 
 
-def _parse_ref(ref: str, study: Study, pre_cfgs: dict, seed: int, scale: float,
-               where: str) -> tuple[str, int]:
+def _parse_ref(
+    ref: str, study: Study, pre_cfgs: dict, seed: int, scale: float, where: str
+) -> tuple[str, int]:
     match = _REF.match(ref)
     if not match or match.group(1) not in study.pretraining:
         raise LowlabelError(
             f"{where}: transfer.init_from '{ref}' names no pretraining run of this study "
             f"(defined: {', '.join('@' + n for n in study.pretraining) or 'none'}); add it under "
-            "'pretraining' or give a checkpoint path")
+            "'pretraining' or give a checkpoint path"
+        )
     name = match.group(1)
     pre = pre_cfgs[(name, seed)]
     steps = pre.pretrain.steps
@@ -370,8 +437,10 @@ def _parse_ref(ref: str, study: Study, pre_cfgs: dict, seed: int, scale: float,
         # the step is given at the original scale, like every step count in a study file
         step = max(1, round(int(match.group(2)) * scale))
     if step not in saved:
-        raise LowlabelError(f"{where}: transfer.init_from '{ref}': pretraining run '{name}' keeps "
-                            f"no checkpoint at step {step} (kept: {sorted(saved)})")
+        raise LowlabelError(
+            f"{where}: transfer.init_from '{ref}': pretraining run '{name}' keeps "
+            f"no checkpoint at step {step} (kept: {sorted(saved)})"
+        )
     return name, step
 
 
@@ -386,8 +455,10 @@ def resolve(cell: Cell, checkpoints: dict[str, str]) -> Cell:
     name, step = cell.needs
     path = checkpoints.get(str(step))
     if path is None:
-        raise LowlabelError(f"pretraining run '{name}' (seed {cell.seed}) has no checkpoint at "
-                            f"step {step} (has: {sorted(checkpoints, key=int)}); rerun the study")
+        raise LowlabelError(
+            f"pretraining run '{name}' (seed {cell.seed}) has no checkpoint at "
+            f"step {step} (has: {sorted(checkpoints, key=int)}); rerun the study"
+        )
     cfg = cell.cfg.replace(**{"transfer.init_from": str(path)})
     return dataclasses.replace(cell, cfg=cfg)
 
@@ -414,12 +485,16 @@ def check(cells: list[Cell]) -> None:
         cfg = cell.cfg
         where = f"run '{cfg.name}'"
         if cell.needs and cell.pretrain_key not in keys:
-            raise LowlabelError(f"{where}: transfer.init_from '@{cell.needs[0]}' needs a "
-                                "pretraining run that is not part of this study")
+            raise LowlabelError(
+                f"{where}: transfer.init_from '@{cell.needs[0]}' needs a "
+                "pretraining run that is not part of this study"
+            )
         init = cfg.transfer.init_from
         if cfg.transfer.mode != "scratch" and not _is_ref(init) and not Path(str(init)).exists():
-            raise LowlabelError(f"{where}: transfer.init_from '{init}' does not exist; give an "
-                                "existing checkpoint or a pretraining run of the study")
+            raise LowlabelError(
+                f"{where}: transfer.init_from '{init}' does not exist; give an "
+                "existing checkpoint or a pretraining run of the study"
+            )
         src = (cfg.data.dataset, cfg.data.demo_subjects, cfg.data.demo_spacing)
         if src not in sizes:
             ds = resolve_dataset(cfg)
@@ -431,14 +506,16 @@ def check(cells: list[Cell]) -> None:
             raise LowlabelError(
                 f"{where}: data.budget={cfg.data.budget} with data.n_test={cfg.data.n_test} and "
                 f"data.n_val={cfg.data.n_val} needs more than the {n} subjects of the dataset; "
-                "lower them in the study or profile")
+                "lower them in the study or profile"
+            )
         need = 2 ** (cfg.model.levels - 1)
         patch = cfg.data.patch_size
         if cfg.model.norm == "instance" and min(patch) < 2 * need:
             raise LowlabelError(
                 f"{where}: data.patch_size {list(patch)} leaves a single voxel at the bottom of a "
                 f"{cfg.model.levels}-level UNet, where instance norm cannot work; use a patch of "
-                f"at least {2 * need} or fewer model.levels")
+                f"at least {2 * need} or fewer model.levels"
+            )
         for image, extent in extents:
             voxels = sorted(e / s for e, s in zip(extent, cfg.data.spacing, strict=True))
             if cfg.data.spatial_dims == 2:
@@ -447,7 +524,8 @@ def check(cells: list[Cell]) -> None:
                 raise LowlabelError(
                     f"{where}: a {cfg.model.levels}-level UNet needs at least {need} voxels per "
                     f"axis but {image} has about {int(voxels[0])} at data.spacing "
-                    f"{list(cfg.data.spacing)}; use fewer model.levels or a finer data.spacing")
+                    f"{list(cfg.data.spacing)}; use fewer model.levels or a finer data.spacing"
+                )
 
 
 def _extent(path: str) -> tuple[float, ...]:
@@ -462,11 +540,21 @@ def _extent(path: str) -> tuple[float, ...]:
 
 def plan_json(study: Study, profile: str, cells: list[Cell]) -> str:
     """The expanded study, as written to ``<study_dir>/plan.json``."""
-    return json.dumps({"study": study.name, "source": str(study.path), "profile": profile,
-                       "tables": study.tables, "axes": {a: list(v) for a, v in study.axes.items()},
-                       "comparisons": study.comparisons,
-                       "steps": {t: [scale_step(s, profile_of(study, profile))
-                                     for s in tab.get("steps", [])]
-                                 for t, tab in study.tables.items() if "pretraining" in tab},
-                       "description": study.description,
-                       "cells": [c.to_json() for c in cells]}, indent=1)
+    return json.dumps(
+        {
+            "study": study.name,
+            "source": str(study.path),
+            "profile": profile,
+            "tables": study.tables,
+            "axes": {a: list(v) for a, v in study.axes.items()},
+            "comparisons": study.comparisons,
+            "steps": {
+                t: [scale_step(s, profile_of(study, profile)) for s in tab.get("steps", [])]
+                for t, tab in study.tables.items()
+                if "pretraining" in tab
+            },
+            "description": study.description,
+            "cells": [c.to_json() for c in cells],
+        },
+        indent=1,
+    )

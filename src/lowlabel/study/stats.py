@@ -31,8 +31,10 @@ class Summary:
             return "–"
         if self.n < 2 or math.isnan(self.sd) or self.sd == 0:
             return f"{self.mean:.{digits}f}"  # one value, or every seed agrees
-        return (f"{self.mean:.{digits}f} ± {self.sd:.{digits}f} "
-                f"[{self.ci_low:.{digits}f}, {self.ci_high:.{digits}f}]")
+        return (
+            f"{self.mean:.{digits}f} ± {self.sd:.{digits}f} "
+            f"[{self.ci_low:.{digits}f}, {self.ci_high:.{digits}f}]"
+        )
 
 
 def summarize(values: Iterable[float], level: float = 0.95) -> Summary:
@@ -70,14 +72,19 @@ class Difference:
         """One sentence saying whether the difference holds."""
         d = self.diff
         if d.n < 2:
-            return (f"only {d.n} paired seed(s): no confidence interval, no conclusion "
-                    "(run more seeds)")
+            return (
+                f"only {d.n} paired seed(s): no confidence interval, no conclusion (run more seeds)"
+            )
         if d.ci_low <= 0 <= d.ci_high:
-            return (f"within noise: the 95% CI of the difference [{d.ci_low:+.3f}, "
-                    f"{d.ci_high:+.3f}] contains 0 ({d.n} seeds)")
+            return (
+                f"within noise: the 95% CI of the difference [{d.ci_low:+.3f}, "
+                f"{d.ci_high:+.3f}] contains 0 ({d.n} seeds)"
+            )
         side = "higher" if d.mean > 0 else "lower"
-        return (f"holds: the first is {side} by {abs(d.mean):.3f} (95% CI [{d.ci_low:+.3f}, "
-                f"{d.ci_high:+.3f}], {d.n} seeds)")
+        return (
+            f"holds: the first is {side} by {abs(d.mean):.3f} (95% CI [{d.ci_low:+.3f}, "
+            f"{d.ci_high:+.3f}], {d.n} seeds)"
+        )
 
 
 def paired(name: str, metric: str, a: Mapping[str, float], b: Mapping[str, float]) -> Difference:
@@ -88,6 +95,11 @@ def paired(name: str, metric: str, a: Mapping[str, float], b: Mapping[str, float
     """
     keys = sorted(set(a) & set(b), key=str)
     keys = [k for k in keys if not (math.isnan(a[k]) or math.isnan(b[k]))]
-    return Difference(name=name, metric=metric, a=summarize(a[k] for k in keys),
-                      b=summarize(b[k] for k in keys),
-                      diff=summarize(a[k] - b[k] for k in keys), pairs=[str(k) for k in keys])
+    return Difference(
+        name=name,
+        metric=metric,
+        a=summarize(a[k] for k in keys),
+        b=summarize(b[k] for k in keys),
+        diff=summarize(a[k] - b[k] for k in keys),
+        pairs=[str(k) for k in keys],
+    )
