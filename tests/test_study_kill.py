@@ -29,11 +29,22 @@ def test_killed_study_reruns_only_missing_runs(tmp_path, tiny_dataset):
     }
     path = write_study(tmp_path / "tiny.yaml", tiny_dataset, base=base)
     study_dir = tmp_path / "study"
-    cmd = [sys.executable, "-m", "lowlabel.cli", "study", str(path), "--out", str(study_dir),
-           "--jobs", "1", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lowlabel.cli",
+        "study",
+        str(path),
+        "--out",
+        str(study_dir),
+        "--jobs",
+        "1",
+        "--quiet",
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 240
     while not _finished(study_dir) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -33,6 +33,12 @@ SetOpt = Annotated[
         "--set", "-s", help="Override a config key, e.g. --set train.steps=500 (repeatable)."
     ),
 ]
+DataOpt = Annotated[
+    str | None, typer.Option("--data", help="dataset.json or folder (default: the demo cohort).")
+]
+RunsOpt = Annotated[
+    Path | None, typer.Option("--out", "-o", help="Folder for runs (default: runs/).")
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
@@ -48,13 +54,8 @@ def _load(config: Path | None, overrides: list[str] | None, extra: dict | None =
 def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    data: Annotated[
-        str | None,
-        typer.Option("--data", help="dataset.json or folder (default: the demo cohort)."),
-    ] = None,
-    out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Folder for runs (default: runs/).")
-    ] = None,
+    data: DataOpt = None,
+    out: RunsOpt = None,
     init_from: Annotated[
         Path | None,
         typer.Option("--init-from", help="Pretrained checkpoint or pretraining run folder."),
@@ -195,13 +196,8 @@ def data_demo(
 def pretrain(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    data: Annotated[
-        str | None,
-        typer.Option("--data", help="dataset.json or folder (default: the demo cohort)."),
-    ] = None,
-    out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Folder for runs (default: runs/).")
-    ] = None,
+    data: DataOpt = None,
+    out: RunsOpt = None,
     resume: Annotated[
         bool,
         typer.Option("--resume", help="Continue an interrupted run (or reuse a finished one)."),
