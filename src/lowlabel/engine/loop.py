@@ -28,7 +28,7 @@ from lowlabel.atomic import append_line, read_jsonl, remove_temporaries, write_j
 from lowlabel.config import RunConfig, dump_yaml, run_dir, to_dict
 from lowlabel.data.datasets import Dataset, check_pair, load_dataset
 from lowlabel.data.demo import demo_dataset
-from lowlabel.data.io import spacing_of
+from lowlabel.data.io import fewest_voxels, spacing_of
 from lowlabel.data.splits import dataset_key, labelled, load_or_make, save
 from lowlabel.data.transforms import augment, index_foreground, preprocess
 from lowlabel.engine import checkpoint
@@ -163,11 +163,18 @@ def train_loader(cfg: RunConfig, items: list[dict], start: int) -> torch.utils.d
     batches = Batches(
         items, augment(cfg.data, cfg.augment), cfg.train.batch_size, cfg.seed, track_meta=False
     )
+    return step_loader(batches, start, cfg.train.steps, cfg)
+
+
+def step_loader(
+    batches: torch.utils.data.Dataset, start: int, steps: int, cfg: RunConfig
+) -> torch.utils.data.DataLoader:
+    """A loader over batch indices ``start .. steps - 1`` of a dataset whose item i is batch i."""
     # its own generator: iterating a DataLoader otherwise draws from the global torch RNG, which
     # a resumed run has restored, so dropout would differ from the uninterrupted run
     return torch.utils.data.DataLoader(
         batches,
-        sampler=range(start, cfg.train.steps),
+        sampler=range(start, steps),
         batch_size=None,
         num_workers=cfg.train.workers,
         generator=torch.Generator().manual_seed(cfg.seed),
@@ -466,12 +473,10 @@ def check_size(items: list[dict], cfg: RunConfig) -> None:
     for item in items:
         meta = item["image"].meta
         extent = np.asarray(meta["spatial_shape"]) * np.asarray(spacing_of(meta["original_affine"]))
-        voxels = sorted(extent / np.asarray(cfg.data.spacing))
-        if cfg.data.spatial_dims == 2:
-            voxels = voxels[1:]
-        if voxels[0] < need:
+        fewest = fewest_voxels(extent, cfg.data.spacing, cfg.data.spatial_dims)
+        if fewest < need:
             raise LowlabelError(
-                f"{meta['filename_or_obj']}: about {int(voxels[0])} voxels along an axis at "
+                f"{meta['filename_or_obj']}: about {int(fewest)} voxels along an axis at "
                 f"data.spacing is too small for a {cfg.model.levels}-level network (needs "
                 f"{need}); use fewer model.levels or a finer data.spacing"
             )

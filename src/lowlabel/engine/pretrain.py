@@ -34,6 +34,7 @@ from lowlabel.engine.loop import (
     resolve_splits,
     seed_everything,
     set_threads,
+    step_loader,
     truncate_metrics,
 )
 from lowlabel.errors import LowlabelError, unwrap
@@ -256,14 +257,11 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> 
         )
 
     steps, val_every, keep = cfg.pretrain.steps, cfg.train.val_every, set(saved_steps(cfg))
-    loader = torch.utils.data.DataLoader(
+    loader = step_loader(
         PretrainBatches(pool_items, patch_sampler(cfg), cfg.train.batch_size, cfg.seed, cfg),
-        sampler=range(state["step"], steps),
-        batch_size=None,
-        num_workers=cfg.train.workers,
-        # its own generator: iterating a DataLoader otherwise draws from the global torch RNG,
-        # which a resumed run has restored, so dropout would differ from an uninterrupted run
-        generator=torch.Generator().manual_seed(cfg.seed),
+        state["step"],
+        steps,
+        cfg,
     )
     bar = tqdm(
         total=steps,

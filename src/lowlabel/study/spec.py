@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from lowlabel.config import RunConfig, apply_overrides, run_dir, to_dict
+from lowlabel.data.io import fewest_voxels
 from lowlabel.errors import LowlabelError
 
 STUDIES = Path(__file__).resolve().parent.parent / "studies"
@@ -517,13 +518,11 @@ def check(cells: list[Cell]) -> None:
                 f"at least {2 * need} or fewer model.levels"
             )
         for image, extent in extents:
-            voxels = sorted(e / s for e, s in zip(extent, cfg.data.spacing, strict=True))
-            if cfg.data.spatial_dims == 2:
-                voxels = voxels[1:]
-            if voxels[0] < need:
+            fewest = fewest_voxels(extent, cfg.data.spacing, cfg.data.spatial_dims)
+            if fewest < need:
                 raise LowlabelError(
                     f"{where}: a {cfg.model.levels}-level UNet needs at least {need} voxels per "
-                    f"axis but {image} has about {int(voxels[0])} at data.spacing "
+                    f"axis but {image} has about {int(fewest)} at data.spacing "
                     f"{list(cfg.data.spacing)}; use fewer model.levels or a finer data.spacing"
                 )
 
