@@ -37,7 +37,8 @@ def machine() -> str:
     return (
         f"{platform.node()}: {os.cpu_count()} CPU cores ({cpu}), {mem:.0f} GiB RAM, "
         f"{platform.system()} {platform.release()}, Python {platform.python_version()}; "
-        f"load average at start {load} (cores shared with other jobs)"
+        f"load average at start {load}"
+        + (" (cores shared with other jobs)" if os.getloadavg()[0] > 1.5 else "")
     )
 
 
@@ -121,6 +122,7 @@ def run_profile(
         "exit_code": rc,
         "cpu_seconds_children": round(usage.children_user + usage.children_system, 1),
         "load_average_at_start": load,
+        "load_average_at_end": [round(x, 1) for x in os.getloadavg()],
         "command": " ".join(["lowlabel", *cmd[3:]]),
         "study_dir": str(out),
     }

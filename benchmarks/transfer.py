@@ -51,6 +51,17 @@ CLASSES = ("csf", "gm", "wm")
 # shuffling plus in-painting is learnable in that budget and still defeats the skip shortcut
 METHOD_SETTINGS = {"genesis": {"pretrain.nonlinear_prob": 0.0, "pretrain.inpaint_prob": 1.0}}
 
+# the transfer modes compared; gradual unfreezes a third of the way through the 300 steps
+MODES = {
+    "frozen": {"transfer.mode": "frozen"},
+    "finetune": {"transfer.mode": "finetune"},
+    "finetune-lr0.1": {"transfer.mode": "finetune", "transfer.encoder_lr_scale": 0.1},
+    "gradual": {"transfer.mode": "gradual", "transfer.unfreeze_after": 100},
+}
+
+# mean teacher: the unlabelled pool joins fine-tuning (the same images pretraining uses)
+SEMI = {"semi.method": "mean_teacher", "semi.weight": 1.0, "semi.rampup": 0.4, "semi.ema": 0.99}
+
 # CPU scale: 2 mm voxels, 32^3 patches, a 3-level residual UNet, a few hundred steps
 SCALE = {
     "data.spacing": [2.0, 2.0, 2.0],
@@ -134,7 +145,7 @@ def summarise(rows: list[dict], arms: list[tuple[str, str]], budgets: list[int])
     """Table (mean, SD per arm and budget), paired differences to scratch and best gains."""
     table, diffs, best = [], [], {}
     for b in budgets:
-        scratch = {r["seed"]: r for r in rows if r["budget"] == b and r["mode"] == "scratch"}
+        scratch = {r["seed"]: r for r in rows if r["budget"] == b and r["method"] == "none"}
         for method, mode in arms:
             cell = [
                 r for r in rows if r["budget"] == b and r["method"] == method and r["mode"] == mode
@@ -147,7 +158,7 @@ def summarise(rows: list[dict], arms: list[tuple[str, str]], budgets: list[int])
                 entry[key] = float(vals.mean())
                 entry[key + "_sd"] = float(vals.std(ddof=1)) if len(vals) > 1 else None
             table.append(entry)
-            if mode == "scratch":
+            if method == "none":
                 continue
             paired = [r for r in cell if r["seed"] in scratch]
             if not paired:
@@ -189,7 +200,15 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--budgets", type=int, nargs="+", default=[1, 3])
     ap.add_argument("--methods", nargs="+", default=["autoencoder", "genesis"])
-    ap.add_argument("--modes", nargs="+", default=["frozen", "finetune"])
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    ap.add_argument(
+        "--semi",
+        nargs="*",
+        default=[],
+        metavar="ARM",
+        help="mean-teacher arms: 'scratch' (random init) and/or METHOD (fine-tuned from it)",
+    )
+    ap.add_argument("--semi-weight", type=float, default=SEMI["semi.weight"])
     ap.add_argument("--steps", type=int, default=300, help="segmentation steps per run")
     ap.add_argument("--pretrain-steps", type=int, default=1000)
     ap.add_argument("--pretrain-batch", type=int, default=4)
@@ -212,6 +231,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "benchmark.log"
     t0 = time.time()
+    load0 = [round(x, 1) for x in os.getloadavg()]
     base = {
         "out": str(out),
         "data.dataset": str(Path(args.data).resolve()),
@@ -258,6 +278,11 @@ def main() -> None:
         return d
 
     arms = [("none", "scratch")] + [(m, mode) for m in args.methods for mode in args.modes]
+    arms += [
+        ("mean_teacher", "scratch") if a == "scratch" else (f"{a}+mean_teacher", "finetune")
+        for a in args.semi
+    ]
+    semi = {**SEMI, "semi.weight": args.semi_weight}
     jobs = []
     for seed in range(args.seeds):  # seed-major, so partial results stay paired
         for b in args.budgets:
@@ -268,7 +293,8 @@ def main() -> None:
                     "seed": seed,
                     "data.draw": seed,
                     "data.budget": b,
-                    "transfer.mode": mode,
+                    **MODES.get(mode, {"transfer.mode": mode}),
+                    **(semi if method.endswith("mean_teacher") else {}),
                 }
                 jobs.append((seed, b, method, mode, flat))
     jobs.sort(key=lambda j: j[3] != "scratch" and j[2] not in ready)
@@ -291,8 +317,9 @@ def main() -> None:
                     "processor": platform.processor(),
                     "cpus": os.cpu_count(),
                     "python": platform.python_version(),
-                    "note": "2 CPU cores shared with other work; runs niced, 1 thread each, "
-                    f"{args.jobs} at a time",
+                    "load_average_at_start": load0,
+                    "load_average_now": [round(x, 1) for x in os.getloadavg()],
+                    "note": f"runs niced, 1 thread each, {args.jobs} at a time",
                 },
                 "dataset": "malf35 (25 subjects; fixed test split of 6, validation 3, pool 16)",
                 "scale": {
@@ -308,6 +335,8 @@ def main() -> None:
                 "arms": [list(a) for a in arms],
                 "pretrain": pre,
                 "method_settings": METHOD_SETTINGS,
+                "mode_settings": {m: MODES[m] for m in args.modes},
+                "semi_settings": semi if args.semi else None,
                 "genesis_full_corruption_attempt": GENESIS_FULL,
                 "wall_seconds": round(time.time() - t0, 1),
                 **summary,
@@ -319,7 +348,8 @@ def main() -> None:
         seed, b, method, mode, flat = job
         try:
             if mode != "scratch":
-                flat = {**flat, "transfer.init_from": str(pretrained(method))}
+                source = method.split("+")[0]
+                flat = {**flat, "transfer.init_from": str(pretrained(source))}
             d = run("train", flat, out, log, args.collect)
         except RuntimeError as err:  # one failed run must not discard the others' figures
             print(err, flush=True)

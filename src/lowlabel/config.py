@@ -179,6 +179,36 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
+class SemiConfig:
+    """Semi-supervised training: the unlabelled scans take part in fine-tuning, not only in
+    pretraining.
+
+    Attributes:
+        method: ``none``, or ``mean_teacher`` (Tarvainen and Valpola, 2017): a teacher network,
+            the exponential moving average of the trained (student) network, segments clean
+            patches of the unlabelled pool (the training pool's images and the dataset's
+            unlabelled scans; never validation or test images); the student, shown the same
+            patches with noise and intensity jitter, is pulled towards the teacher's class
+            probabilities. The teacher is what is validated, kept and evaluated.
+        weight: weight of the consistency loss (mean squared difference of class probabilities)
+            against the supervised loss, reached after the ramp-up.
+        rampup: share of ``train.steps`` over which the weight rises as ``exp(-5 (1 - t)^2)``.
+        ema: the teacher's decay per step (``min(ema, 1 - 1 / (step + 1))``, so it follows the
+            student closely at first).
+        batch_size: unlabelled patches per step, besides the ``train.batch_size`` labelled ones.
+        noise_std: standard deviation of the Gaussian noise added to the student's patches
+            (intensities are z-scored, so this is in units of the brain's intensity SD).
+    """
+
+    method: Literal["none", "mean_teacher"] = "none"
+    weight: float = 1.0
+    rampup: float = 0.4
+    ema: float = 0.99
+    batch_size: int = 2
+    noise_std: float = 0.1
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything that defines one training or pretraining run."""
 
@@ -191,6 +221,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    semi: SemiConfig = field(default_factory=SemiConfig)
 
     def replace(self, **overrides: Any) -> RunConfig:
         """A copy with dotted-key overrides, e.g. ``cfg.replace(**{"train.steps": 10})``."""
@@ -385,9 +416,12 @@ def validate(cfg: RunConfig) -> None:
         ("train.batch_size", t.batch_size),
         ("train.val_every", t.val_every),
         ("model.channels", m.channels),
+        ("semi.batch_size", cfg.semi.batch_size),
     ):
         if value < 1:
             raise LowlabelError(f"config key '{key}': must be >= 1, got {value}")
+    if not 0.0 <= cfg.semi.ema < 1.0 or not 0.0 <= cfg.semi.rampup <= 1.0:
+        raise LowlabelError("config keys 'semi.ema' in [0, 1) and 'semi.rampup' in [0, 1]")
     if d.label_map is not None:
         bad_targets = sorted(v for v in d.label_map.values() if v not in (0, 1, 2, 3))
         if bad_targets:
@@ -402,6 +436,8 @@ def config_hash(cfg: RunConfig) -> str:
     data = to_dict(cfg)
     data.pop("name")
     data.pop("out")
+    if cfg.semi.method == "none":  # off, it changes nothing: runs made before it keep their folder
+        data.pop("semi")
     blob = json.dumps(data, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:8]
 

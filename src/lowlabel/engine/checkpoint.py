@@ -98,22 +98,37 @@ def load_optimizer(
 
 
 def save_state(
-    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    meta: dict[str, Any],
+    modules: dict[str, torch.nn.Module] | None = None,
 ) -> None:
-    """Write resumable state: model, optimizer, torch RNG, and ``meta`` (config, loop state)."""
+    """Write resumable state: model, optimizer, torch RNG, and ``meta`` (config, loop state).
+
+    ``modules`` are further networks of the run (e.g. a mean teacher), saved under their name.
+    """
     opt_tensors, groups = optimizer_tensors(optimizer)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for name, module in (modules or {}).items():
+        tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
     tensors.update(opt_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
     save(path, tensors, {**meta, "optimizer": groups})
 
 
 def restore_state(
-    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    modules: dict[str, torch.nn.Module] | None = None,
 ) -> dict[str, Any]:
-    """Load what :func:`save_state` wrote into ``model`` and ``optimizer``; returns its metadata."""
+    """Load what :func:`save_state` wrote into ``model``, ``optimizer`` and ``modules``; returns
+    its metadata."""
     tensors, meta = load(path)
     model.load_state_dict(split(tensors, "model"))
+    for name, module in (modules or {}).items():
+        module.load_state_dict(split(tensors, name))
     load_optimizer(optimizer, tensors, meta["optimizer"])
     torch.set_rng_state(tensors["rng.torch"])
     return meta

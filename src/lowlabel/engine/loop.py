@@ -157,12 +157,21 @@ def _plain(x) -> torch.Tensor:
     return x.float()
 
 
-def train_loader(cfg: RunConfig, items: list[dict], start: int) -> torch.utils.data.DataLoader:
+def train_loader(
+    cfg: RunConfig, items: list[dict], start: int, pool: list[dict] | None = None
+) -> torch.utils.data.DataLoader:
     """Batches ``start, start + 1, ...`` up to ``cfg.train.steps``; with ``train.workers`` > 0
-    they are prepared in worker processes while the network trains on the previous one."""
+    they are prepared in worker processes while the network trains on the previous one.
+
+    With ``pool`` (cached unlabelled images, for a mean-teacher run) each batch also carries the
+    student's and the teacher's unlabelled patches."""
     batches = Batches(
         items, augment(cfg.data, cfg.augment), cfg.train.batch_size, cfg.seed, track_meta=False
     )
+    if pool is not None:
+        from lowlabel.engine.semi import UnlabelledBatches, WithUnlabelled
+
+        batches = WithUnlabelled(batches, UnlabelledBatches(pool, cfg))
     return step_loader(batches, start, cfg.train.steps, cfg)
 
 
@@ -215,11 +224,23 @@ def train_step(
     image: torch.Tensor,
     label: torch.Tensor,
     bf16: bool,
+    unlabelled: tuple[torch.Tensor, torch.Tensor] | None = None,
+    semi=None,
+    step: int = 0,
 ) -> float:
-    """One optimizer update on a batch ``(B, 1, H, W[, D])``; returns the loss."""
+    """One optimizer update on a batch ``(B, 1, H, W[, D])``; returns the loss.
+
+    With ``semi`` (a :class:`~lowlabel.engine.semi.MeanTeacher`) and ``unlabelled`` (student and
+    teacher inputs), the student segments both batches in one pass and the consistency term,
+    weighted for ``step``, joins the supervised loss."""
+    if unlabelled is not None:
+        image = torch.cat([image, unlabelled[0]])
     with autocast(bf16):
         logits = net(image)
-    loss = loss_fn(logits.float(), label)
+    n = label.shape[0]
+    loss = loss_fn(logits[:n].float(), label)
+    if unlabelled is not None:
+        loss = loss + semi.weight(step) * semi.consistency(logits[n:], unlabelled[1])
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -297,6 +318,15 @@ def fit(
         ds.by_id(split["train"]), Compose([pre, index_foreground()]), "cache train", progress
     )
     val_items = cache(ds.by_id(split["val"]), pre, "cache val", progress)
+    pool_items = None
+    if cfg.semi.method != "none":
+        from lowlabel.engine.pretrain import cache_images, unlabelled_pool
+
+        pool, _, _ = unlabelled_pool(cfg)
+        write_json(out / "unlabelled.json", {"images": [p["image"] for p in pool]})
+        pool_items = cache_images(
+            pool, preprocess(cfg.data, keys=("image",)), "cache unlabelled", progress
+        )
     check_size(train_items + val_items, cfg)
     if evaluate_test:
         # a bad test scan is found now, not after the whole training budget has been spent
@@ -316,6 +346,14 @@ def fit(
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    semi = None
+    if pool_items is not None:
+        from lowlabel.engine.semi import MeanTeacher
+
+        semi = MeanTeacher(model, cfg)
+    # the network that is validated, kept as best and evaluated: the teacher in a mean-teacher run
+    judged = semi.teacher if semi else model
+    modules = {"teacher": semi.teacher} if semi else None
 
     # "losses" since the last validation live in the checkpoint too, so a run resumed between
     # validations logs the same train_loss as an uninterrupted one
@@ -331,7 +369,7 @@ def fit(
     metrics_path = out / "metrics.jsonl"
     last, best = out / "last.safetensors", out / "best.safetensors"
     if resume and last.exists():
-        state.update(checkpoint.restore_state(last, model, optimizer)["state"])
+        state.update(checkpoint.restore_state(last, model, optimizer, modules)["state"])
         truncate_metrics(metrics_path, state["step"])
         log.info("resuming %s at step %d", out, state["step"])
     elif metrics_path.exists():
@@ -339,12 +377,16 @@ def fit(
 
     def save_state() -> None:
         checkpoint.save_state(
-            last, model, optimizer, {"kind": "train", "config": to_dict(cfg), "state": state}
+            last,
+            model,
+            optimizer,
+            {"kind": "train", "config": to_dict(cfg), "state": state},
+            modules,
         )
 
     steps, val_every = cfg.train.steps, cfg.train.val_every
     net = prepare_model(model, cfg)
-    loader = train_loader(cfg, train_items, state["step"])
+    loader = train_loader(cfg, train_items, state["step"], pool_items)
     bar = tqdm(
         total=steps,
         initial=state["step"],
@@ -354,7 +396,8 @@ def fit(
     )
     tick = ready = time.perf_counter()
     timing = {"data": 0.0, "steps": 0.0, "n": 0}  # time waiting for batches, and in steps
-    for image, label in loader if not state["stopped"] and state["step"] < steps else []:
+    running = not state["stopped"] and state["step"] < steps
+    for image, label, *unlabelled in loader if running else []:
         timing["data"] += time.perf_counter() - ready
         if setup:
             setup.train_mode(model, state["step"], optimizer)
@@ -363,10 +406,24 @@ def fit(
         set_learning_rate(
             optimizer, cfg, state["step"], state["train_seconds"] + time.perf_counter() - tick
         )
-        state["losses"].append(train_step(net, optimizer, loss_fn, image, label, cfg.train.bf16))
+        state["losses"].append(
+            train_step(
+                net,
+                optimizer,
+                loss_fn,
+                image,
+                label,
+                cfg.train.bf16,
+                tuple(unlabelled) or None,
+                semi,
+                state["step"],
+            )
+        )
+        state["step"] += 1
+        if semi:
+            semi.update(model, state["step"])
         timing["steps"] += time.perf_counter() - ready
         timing["n"] += 1
-        state["step"] += 1
         bar.update(1)
         step = state["step"]
         out_of_time = bool(cfg.train.max_minutes) and (
@@ -374,7 +431,7 @@ def fit(
         )
         if step % val_every == 0 or step == steps or out_of_time:
             row = {"step": step, "train_loss": float(np.mean(state["losses"]))}
-            row.update(validate(model, val_items, cfg))
+            row.update(validate(judged, val_items, cfg))
             state["train_seconds"] += time.perf_counter() - tick
             tick = time.perf_counter()
             row["seconds"] = round(state["train_seconds"], 3)
@@ -384,7 +441,7 @@ def fit(
                 state.update(best_metric=row["val_dice"], best_step=step, bad=0)
                 checkpoint.save(
                     best,
-                    {f"model.{k}": v for k, v in model.state_dict().items()},
+                    {f"model.{k}": v for k, v in judged.state_dict().items()},
                     {
                         "kind": "train",
                         "config": to_dict(cfg),

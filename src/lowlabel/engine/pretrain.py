@@ -139,7 +139,7 @@ def cache_images(images: list[dict], transform: Compose, desc: str, progress: bo
     ]
 
 
-def _pool(cfg: RunConfig) -> tuple[list[dict], list[dict], dict]:
+def unlabelled_pool(cfg: RunConfig) -> tuple[list[dict], list[dict], dict]:
     """Training-pool images (labels ignored) plus the extra unlabelled ones; validation subjects.
 
     The pool is the split's labelled-training pool at budget 0, so no validation or test subject
@@ -188,7 +188,7 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> 
     set_threads(cfg.train.threads, cfg.train.workers)
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
-    pool, val, split = _pool(cfg)
+    pool, val, split = unlabelled_pool(cfg)
     write_text(out / "config.yaml", dump_yaml(cfg))
     images = [p["image"] for p in pool]
     write_json(

@@ -1,0 +1,146 @@
+"""Mean teacher: the teacher is an EMA of the student, unlabelled images come only from the
+training pool, the run resumes exactly, and the teacher is what gets validated and kept."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_overrides
+from safetensors.torch import load_file
+from test_training import assert_same_run
+
+from lowlabel.config import load_config, run_dir
+from lowlabel.engine import checkpoint, loop
+from lowlabel.engine.loop import fit
+from lowlabel.engine.semi import MeanTeacher, UnlabelledBatches
+from lowlabel.errors import LowlabelError
+
+SEMI = {
+    "semi.method": "mean_teacher",
+    "semi.weight": 2.0,
+    "semi.rampup": 0.5,
+    "train.steps": 6,
+    "train.val_every": 2,
+    "train.patience": 0,
+    "data.budget": 1,
+}
+
+
+@pytest.fixture()
+def semi_config(tiny_dataset, tmp_path):
+    return load_config(None, tiny_overrides(tiny_dataset, tmp_path / "runs", **SEMI))
+
+
+def test_teacher_is_the_moving_average_of_the_student(tiny_config):
+    cfg = tiny_config.replace(**{"semi.method": "mean_teacher", "semi.ema": 0.9})
+    student = torch.nn.Linear(3, 2)
+    mt = MeanTeacher(student, cfg)
+    before = [p.clone() for p in mt.teacher.parameters()]
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    mt.update(student, step=1)  # early on the teacher follows closely: decay 1 - 1/2
+    for t, b, s in zip(mt.teacher.parameters(), before, student.parameters(), strict=True):
+        torch.testing.assert_close(t, 0.5 * b + 0.5 * s)
+    mid = [p.clone() for p in mt.teacher.parameters()]
+    mt.update(student, step=100)  # later at semi.ema
+    for t, m, s in zip(mt.teacher.parameters(), mid, student.parameters(), strict=True):
+        torch.testing.assert_close(t, 0.9 * m + 0.1 * s)
+    assert not any(p.requires_grad for p in mt.teacher.parameters())
+
+
+def test_consistency_weight_ramps_up_to_its_value(tiny_config):
+    cfg = tiny_config.replace(
+        **{"semi.method": "mean_teacher", "semi.weight": 3.0, "semi.rampup": 0.5}
+    )
+    mt = MeanTeacher(torch.nn.Linear(1, 1), cfg)
+    ramp = cfg.train.steps * 0.5
+    weights = [mt.weight(s) for s in range(cfg.train.steps + 1)]
+    assert weights[0] == pytest.approx(3.0 * math.exp(-5.0))
+    assert all(a <= b for a, b in zip(weights, weights[1:], strict=False))
+    assert all(w == 3.0 for s, w in enumerate(weights) if s >= ramp)
+
+
+def test_consistency_is_zero_when_student_and_teacher_agree(tiny_config):
+    cfg = tiny_config.replace(**{"semi.method": "mean_teacher"})
+    net = torch.nn.Conv3d(1, 4, 1)
+    mt = MeanTeacher(net, cfg)
+    x = torch.randn(2, 1, 4, 4, 4)
+    assert mt.consistency(net(x), x).item() == pytest.approx(0.0, abs=1e-7)
+    assert mt.consistency(net(x), x + 1.0).item() > 0
+
+
+def test_unlabelled_batches_are_seeded_and_the_student_sees_a_perturbed_patch(semi_config):
+    items = [{"image": torch.randn(1, 24, 24, 24)} for _ in range(3)]
+    batches = UnlabelledBatches(items, semi_config)
+    student, teacher = batches[5]
+    assert student.shape == teacher.shape == (2, 1, 16, 16, 16)
+    again = UnlabelledBatches(items, semi_config)[5]
+    assert torch.equal(again[0], student) and torch.equal(again[1], teacher)
+    assert not torch.equal(student, teacher)
+    assert not torch.equal(batches[6][1], teacher)
+
+
+def test_mean_teacher_run_trains_on_pool_images_and_keeps_the_teacher(semi_config):
+    result = fit(semi_config, progress=False)
+    out = Path(result.run_dir)
+    splits = json.loads((out / "splits.json").read_text())
+    seen = json.loads((out / "unlabelled.json").read_text())["images"]
+    names = {Path(p).name for p in seen}
+    held_out = {f"{sid}.nii.gz" for sid in splits["test"] + splits["val"]}
+    assert len(splits["train"]) == 1 and len(names) == 5  # 8 subjects - 2 test - 1 val
+    assert not names & held_out
+    last = load_file(str(out / "last.safetensors"))
+    teacher = checkpoint.split(last, "teacher")
+    student = checkpoint.split(last, "model")
+    assert teacher.keys() == student.keys()
+    assert any(not torch.equal(teacher[k], student[k]) for k in teacher)
+    # the kept weights are the teacher's at the best validation (here the last one, or earlier)
+    best_step = result.best_step
+    if best_step == result.steps:
+        best = checkpoint.split(load_file(str(out / "best.safetensors")), "model")
+        assert all(torch.equal(best[k], teacher[k]) for k in best)
+    assert set(result.test) >= {"mean_dice", "dice_csf", "dice_gm", "dice_wm"}
+
+
+def test_mean_teacher_run_resumes_bit_identically(semi_config, tmp_path, monkeypatch):
+    reference = fit(semi_config, progress=False)
+    cfg = semi_config.replace(out=str(tmp_path / "again"))
+    calls = []
+    real = loop.validate
+
+    def crash_on_second(model, items, c):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash")
+        return real(model, items, c)
+
+    monkeypatch.setattr(loop, "validate", crash_on_second)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(cfg, progress=False)
+    monkeypatch.setattr(loop, "validate", real)
+    fit(cfg, resume=True, progress=False)
+    assert_same_run(Path(reference.run_dir), run_dir(cfg))
+    a = load_file(str(Path(reference.run_dir) / "last.safetensors"))
+    b = load_file(str(run_dir(cfg) / "last.safetensors"))
+    for key in (k for k in a if k.startswith("teacher.")):
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_semi_settings_change_the_run_folder_only_when_on(tiny_config):
+    off = tiny_config.replace(**{"semi.weight": 5.0})
+    on = tiny_config.replace(**{"semi.method": "mean_teacher"})
+    assert run_dir(off) == run_dir(tiny_config)
+    assert run_dir(on) != run_dir(tiny_config)
+
+
+def test_bad_semi_values_name_the_key(tiny_dataset, tmp_path):
+    base = tiny_overrides(tiny_dataset, tmp_path / "runs")
+    with pytest.raises(LowlabelError, match="semi.method"):
+        load_config(None, {**base, "semi.method": "pseudo"})
+    with pytest.raises(LowlabelError, match="semi.ema"):
+        load_config(None, {**base, "semi.ema": 1.0})
