@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import tiny_overrides
 from safetensors.torch import load_file
-from test_training import assert_same_run
+from test_training import assert_same_run, crash_at_second_validation
 
 from lowlabel.config import load_config, run_dir
-from lowlabel.engine import checkpoint, loop
+from lowlabel.engine import checkpoint
 from lowlabel.engine.loop import fit
 from lowlabel.engine.semi import MeanTeacher, UnlabelledBatches
 from lowlabel.errors import LowlabelError
@@ -110,19 +110,7 @@ def test_mean_teacher_run_trains_on_pool_images_and_keeps_the_teacher(semi_confi
 def test_mean_teacher_run_resumes_bit_identically(semi_config, tmp_path, monkeypatch):
     reference = fit(semi_config, progress=False)
     cfg = semi_config.replace(out=str(tmp_path / "again"))
-    calls = []
-    real = loop.validate
-
-    def crash_on_second(model, items, c):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("simulated crash")
-        return real(model, items, c)
-
-    monkeypatch.setattr(loop, "validate", crash_on_second)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        fit(cfg, progress=False)
-    monkeypatch.setattr(loop, "validate", real)
+    crash_at_second_validation(cfg, monkeypatch)
     fit(cfg, resume=True, progress=False)
     assert_same_run(Path(reference.run_dir), run_dir(cfg))
     a = load_file(str(Path(reference.run_dir) / "last.safetensors"))

@@ -234,9 +234,8 @@ def test_two_seeded_cpu_runs_are_identical(reference, tmp_path):
     assert metric_rows(Path(other.run_dir)) != metric_rows(Path(result.run_dir))
 
 
-def test_resume_after_a_crash_matches_the_uninterrupted_run(reference, tmp_path, monkeypatch):
-    cfg, result = reference
-    cfg = cfg.replace(out=str(tmp_path))
+def crash_at_second_validation(cfg: RunConfig, monkeypatch) -> None:
+    """Run ``fit(cfg)`` until it crashes in its second validation."""
     calls = []
     real = loop.validate
 
@@ -250,6 +249,12 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run(reference, tmp_path,
     with pytest.raises(RuntimeError, match="simulated crash"):
         fit(cfg, progress=False)
     monkeypatch.setattr(loop, "validate", real)
+
+
+def test_resume_after_a_crash_matches_the_uninterrupted_run(reference, tmp_path, monkeypatch):
+    cfg, result = reference
+    cfg = cfg.replace(out=str(tmp_path))
+    crash_at_second_validation(cfg, monkeypatch)
     out = run_dir(cfg)
     assert checkpoint.read_meta(out / "last.safetensors")["state"]["step"] == 2
     assert not (out / "result.json").exists()
