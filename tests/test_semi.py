@@ -1,5 +1,6 @@
 """Mean teacher: the teacher is an EMA of the student, unlabelled images come only from the
-training pool, the run resumes exactly, and the teacher is what gets validated and kept."""
+training pool, the run resumes exactly, and the better of teacher and student on validation is
+what gets kept."""
 
 from __future__ import annotations
 
@@ -99,12 +100,40 @@ def test_mean_teacher_run_trains_on_pool_images_and_keeps_the_teacher(semi_confi
     student = checkpoint.split(last, "model")
     assert teacher.keys() == student.keys()
     assert any(not torch.equal(teacher[k], student[k]) for k in teacher)
-    # the kept weights are the teacher's at the best validation (here the last one, or earlier)
-    best_step = result.best_step
-    if best_step == result.steps:
-        best = checkpoint.split(load_file(str(out / "best.safetensors")), "model")
-        assert all(torch.equal(best[k], teacher[k]) for k in best)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    for r in rows:  # both networks validated, the better one's score is the run's
+        assert r["val_dice"] == max(r["val_dice_teacher"], r["val_dice_student"])
+        assert r["val_dice"] == r[f"val_dice_{r['kept']}"]
     assert set(result.test) >= {"mean_dice", "dice_csf", "dice_gm", "dice_wm"}
+
+
+@pytest.mark.parametrize("winner", ["teacher", "student"])
+def test_the_better_network_on_validation_is_kept(semi_config, monkeypatch, winner):
+    # one validation, at the last step; the network named ``winner`` scores higher there
+    import lowlabel.engine.loop as loop
+
+    real = loop.validate
+
+    def rigged(network, items, cfg):
+        scores = real(network, items, cfg)
+        is_teacher = not any(p.requires_grad for p in network.parameters())
+        scores["val_dice"] = 0.9 if is_teacher == (winner == "teacher") else 0.1
+        return scores
+
+    monkeypatch.setattr(loop, "validate", rigged)
+    out = Path(fit(semi_config.replace(**{"train.steps": 2}), progress=False).run_dir)
+    (row,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert row["kept"] == winner and row["val_dice"] == 0.9
+    assert row[f"val_dice_{winner}"] == 0.9
+    best_file = str(out / "best.safetensors")
+    best = checkpoint.split(load_file(best_file), "model")
+    last = load_file(str(out / "last.safetensors"))
+    kept = checkpoint.split(last, "teacher" if winner == "teacher" else "model")
+    other = checkpoint.split(last, "model" if winner == "teacher" else "teacher")
+    assert all(torch.equal(best[k], kept[k]) for k in best)
+    assert any(not torch.equal(best[k], other[k]) for k in best)
+    assert checkpoint.load(best_file)[1]["network"] == winner
 
 
 def test_mean_teacher_run_resumes_bit_identically(semi_config, tmp_path, monkeypatch):

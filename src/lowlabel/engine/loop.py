@@ -351,8 +351,9 @@ def fit(
         from lowlabel.engine.semi import MeanTeacher
 
         semi = MeanTeacher(model, cfg)
-    # the network that is validated, kept as best and evaluated: the teacher in a mean-teacher run
-    judged = semi.teacher if semi else model
+    # the networks validated; the better one is kept as best and evaluated. In a mean-teacher run
+    # both: in a short run the moving average lags the student and may be the worse of the two
+    judged = {"teacher": semi.teacher, "student": model} if semi else {"model": model}
     modules = {"teacher": semi.teacher} if semi else None
 
     # "losses" since the last validation live in the checkpoint too, so a run resumed between
@@ -431,7 +432,12 @@ def fit(
         )
         if step % val_every == 0 or step == steps or out_of_time:
             row = {"step": step, "train_loss": float(np.mean(state["losses"]))}
-            row.update(validate(judged, val_items, cfg))
+            scores = {name: validate(network, val_items, cfg) for name, network in judged.items()}
+            kept = max(scores, key=lambda name: scores[name]["val_dice"])
+            row.update(scores[kept])
+            if semi:
+                row.update({f"val_dice_{name}": scores[name]["val_dice"] for name in scores})
+                row["kept"] = kept
             state["train_seconds"] += time.perf_counter() - tick
             tick = time.perf_counter()
             row["seconds"] = round(state["train_seconds"], 3)
@@ -441,12 +447,13 @@ def fit(
                 state.update(best_metric=row["val_dice"], best_step=step, bad=0)
                 checkpoint.save(
                     best,
-                    {f"model.{k}": v for k, v in judged.state_dict().items()},
+                    {f"model.{k}": v for k, v in judged[kept].state_dict().items()},
                     {
                         "kind": "train",
                         "config": to_dict(cfg),
                         "step": step,
                         "val_dice": row["val_dice"],
+                        "network": kept,
                     },
                 )
             else:
