@@ -86,7 +86,7 @@ def test_unlabelled_batches_are_seeded_and_the_student_sees_a_perturbed_patch(se
     assert not torch.equal(batches[6][1], teacher)
 
 
-def test_mean_teacher_run_trains_on_pool_images_and_keeps_the_teacher(semi_config):
+def test_mean_teacher_run_trains_on_pool_images_and_validates_both_networks(semi_config):
     result = fit(semi_config, progress=False)
     out = Path(result.run_dir)
     splits = json.loads((out / "splits.json").read_text())
@@ -140,6 +140,7 @@ def test_mean_teacher_run_resumes_bit_identically(semi_config, tmp_path, monkeyp
     reference = fit(semi_config, progress=False)
     cfg = semi_config.replace(out=str(tmp_path / "again"))
     crash_at_second_validation(cfg, monkeypatch)
+    assert checkpoint.read_meta(run_dir(cfg) / "last.safetensors")["state"]["step"] == 2
     fit(cfg, resume=True, progress=False)
     assert_same_run(Path(reference.run_dir), run_dir(cfg))
     a = load_file(str(Path(reference.run_dir) / "last.safetensors"))

@@ -189,7 +189,8 @@ class SemiConfig:
             patches of the unlabelled pool (the training pool's images and the dataset's
             unlabelled scans; never validation or test images); the student, shown the same
             patches with noise and intensity jitter, is pulled towards the teacher's class
-            probabilities. The teacher is what is validated, kept and evaluated.
+            probabilities. Teacher and student are both validated; the better one is kept
+            and evaluated (in a short run the moving average lags behind the student).
         weight: weight of the consistency loss (mean squared difference of class probabilities)
             against the supervised loss, reached after the ramp-up.
         rampup: share of ``train.steps`` over which the weight rises as ``exp(-5 (1 - t)^2)``.
