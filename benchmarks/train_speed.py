@@ -57,6 +57,19 @@ SETTINGS = {
 }
 
 
+def train_step(net, optimizer, loss_fn, image, label, bf16: bool) -> float:
+    """One optimizer update on ``(B, 1, ...)`` patches, as the training loop makes it."""
+    from lowlabel.engine.runtime import autocast
+
+    with autocast(bf16):
+        logits = net(image)
+    loss = loss_fn(logits.float(), label)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
 def load_average() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
@@ -129,23 +142,16 @@ def worker(kind: str, cfg_json: str) -> None:
     from monai.transforms import Compose
 
     from lowlabel.config import from_dict
+    from lowlabel.data.batches import train_loader
+    from lowlabel.data.cohort import cache, resolve_dataset, resolve_splits
     from lowlabel.data.transforms import index_foreground, preprocess
-    from lowlabel.engine.loop import (
-        cache,
-        prepare_model,
-        resolve_dataset,
-        resolve_splits,
-        seed_everything,
-        set_learning_rate,
-        set_threads,
-        speed_settings,
-        train_loader,
-        train_step,
-        validate,
-    )
+    from lowlabel.engine.loop import set_learning_rate
+    from lowlabel.engine.objectives import validate
+    from lowlabel.engine.runtime import Runtime, prepare_model, seed_everything, set_threads
     from lowlabel.models.unet import build_model
 
     cfg = from_dict(json.loads(cfg_json))
+    cpu = torch.device("cpu")
     if kind != "baseline":
         set_threads(cfg.train.threads, cfg.train.workers)  # the baseline keeps torch's default
     seed_everything(cfg.seed)
@@ -178,7 +184,7 @@ def worker(kind: str, cfg_json: str) -> None:
             "ready": True,
             "prep_seconds": prep_seconds,
             "threads": torch.get_num_threads(),
-            "settings": speed_settings(cfg) if kind != "baseline" else None,
+            "settings": None if kind == "baseline" else Runtime(cfg, cpu).settings(),
         }
     )
     for line in sys.stdin:
@@ -338,7 +344,7 @@ def compute(cfg_json: str) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     from lowlabel.config import from_dict
-    from lowlabel.engine.loop import prepare_model, seed_everything, train_step
+    from lowlabel.engine.runtime import prepare_model, seed_everything
     from lowlabel.models.unet import build_model
 
     cfg = from_dict(json.loads(cfg_json))

@@ -15,18 +15,11 @@ from monai.losses import DiceCELoss
 from monai.transforms import Compose
 
 from lowlabel.config import RunConfig, load_config
+from lowlabel.data.batches import Batches, train_loader
+from lowlabel.data.cohort import cache, resolve_dataset, resolve_splits
 from lowlabel.data.transforms import augment, index_foreground, preprocess
-from lowlabel.engine.loop import (
-    Batches,
-    cache,
-    fit,
-    resolve_dataset,
-    resolve_splits,
-    seed_everything,
-    set_learning_rate,
-    set_threads,
-    train_loader,
-)
+from lowlabel.engine.loop import fit, set_learning_rate
+from lowlabel.engine.runtime import seed_everything, set_threads
 from lowlabel.models.unet import build_model
 
 STEPS = 3

@@ -10,9 +10,9 @@ import torch
 from conftest import tiny_overrides
 from typer.testing import CliRunner
 
+from lowlabel import checkpoint
 from lowlabel.cli import app
-from lowlabel.config import load_config
-from lowlabel.engine import checkpoint
+from lowlabel.config import load_config, run_dir
 from lowlabel.errors import LowlabelError
 
 
@@ -88,7 +88,7 @@ def test_pretrain_resume_is_bit_identical(tiny_dataset, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         engine.pretrain(cfg, progress=False)
     monkeypatch.setattr(engine, "validate_recon", real)
-    _, meta = checkpoint.load(engine.run_dir(cfg) / "last.safetensors")
+    _, meta = checkpoint.load(run_dir(cfg, "pretrain") / "last.safetensors")
     assert meta["state"]["step"] == 2
     resumed = engine.pretrain(cfg, resume=True, progress=False)
 

@@ -28,10 +28,11 @@ from conftest import make_tiny_dataset, tiny_overrides
 from safetensors.torch import load_file
 from test_cli_errors import COMMANDS, World, fork_cli
 
-from lowlabel import atomic, cli
+from lowlabel import atomic, checkpoint, cli
 from lowlabel.config import load_config, run_dir
-from lowlabel.engine import checkpoint, loop
+from lowlabel.engine import loop
 from lowlabel.errors import LowlabelError
+from lowlabel.run_folder import truncate_metrics
 
 TIMING = {"seconds", "data_share", "steps_per_s"}  # wall-clock columns, free to differ
 STEPS = 12
@@ -92,7 +93,7 @@ def _kill_and_resume(command: str, overrides: dict, log: Path) -> dict:
     """Start ``lowlabel <command>``, SIGKILL it once ``last.safetensors`` has reached a random
     step (plus a random fraction of a step), then finish it with ``--resume``."""
     cfg = load_config(None, overrides)
-    folder = run_dir(cfg)
+    folder = run_dir(cfg, command)
     argv = [sys.executable, "-m", "lowlabel.cli", command, "--quiet", *as_set_args(overrides)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     target = random.SystemRandom().randint(1, STEPS - 4)
@@ -247,7 +248,7 @@ def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path):
     with open(path, "a") as fh:
         fh.write('{"step": 6, "val_di')  # the process died mid-line
     assert [r["step"] for r in atomic.read_jsonl(path)] == [2, 4]
-    loop.truncate_metrics(path, upto=3)  # what a resume from the step-3 checkpoint keeps
+    truncate_metrics(path, upto=3)  # what a resume from the step-3 checkpoint keeps
     assert [r["step"] for r in atomic.read_jsonl(path)] == [2]
     assert path.read_text().endswith("\n")
 
@@ -493,7 +494,7 @@ def _pickle_cases(world: World, root: Path) -> dict[str, list[str]]:
         pre_cfg = load_config(
             None, {"data.dataset": str(world.good), "out": str(root / "pre"), **cli_sets(TINY_ARGS)}
         )
-        folder = run_dir(pre_cfg)
+        folder = run_dir(pre_cfg, "pretrain")
         folder.mkdir(parents=True)
         (folder / "last.safetensors").write_bytes(malicious(marker, "5"))
         cases["pretrain --resume"] = ["pretrain", "--quiet", *args, "--resume"]

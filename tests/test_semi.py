@@ -14,10 +14,11 @@ from conftest import tiny_overrides
 from safetensors.torch import load_file
 from test_training import assert_same_run, crash_at_second_validation
 
+from lowlabel import checkpoint
 from lowlabel.config import load_config, run_dir
-from lowlabel.engine import checkpoint
+from lowlabel.data.batches import UnlabelledBatches
 from lowlabel.engine.loop import fit
-from lowlabel.engine.semi import MeanTeacher, UnlabelledBatches
+from lowlabel.engine.semi import MeanTeacher
 from lowlabel.errors import LowlabelError
 
 SEMI = {
@@ -111,9 +112,9 @@ def test_mean_teacher_run_trains_on_pool_images_and_validates_both_networks(semi
 @pytest.mark.parametrize("winner", ["teacher", "student"])
 def test_the_better_network_on_validation_is_kept(semi_config, monkeypatch, winner):
     # one validation, at the last step; the network named ``winner`` scores higher there
-    import lowlabel.engine.loop as loop
+    import lowlabel.engine.objectives as objectives
 
-    real = loop.validate
+    real = objectives.validate
 
     def rigged(network, items, cfg):
         scores = real(network, items, cfg)
@@ -121,7 +122,7 @@ def test_the_better_network_on_validation_is_kept(semi_config, monkeypatch, winn
         scores["val_dice"] = 0.9 if is_teacher == (winner == "teacher") else 0.1
         return scores
 
-    monkeypatch.setattr(loop, "validate", rigged)
+    monkeypatch.setattr(objectives, "validate", rigged)
     out = Path(fit(semi_config.replace(**{"train.steps": 2}), progress=False).run_dir)
     (row,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert row["kept"] == winner and row["val_dice"] == 0.9

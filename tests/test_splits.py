@@ -8,8 +8,8 @@ import pytest
 from conftest import make_tiny_dataset
 
 from lowlabel.data import splits as sp
+from lowlabel.data.cohort import resolve_splits
 from lowlabel.data.datasets import load_dataset
-from lowlabel.engine.loop import resolve_splits
 from lowlabel.errors import LowlabelError
 
 IDS = [f"s{i:02d}" for i in range(20)]

@@ -10,8 +10,9 @@ import torch
 from conftest import make_tiny_dataset, tiny_overrides
 from safetensors.torch import load_file
 
+from lowlabel import checkpoint
 from lowlabel.config import RunConfig, from_dict, load_config, run_dir
-from lowlabel.engine import checkpoint, loop
+from lowlabel.engine import loop, objectives
 from lowlabel.engine.loop import RunResult, fit
 from lowlabel.engine.runs import load_run
 from lowlabel.errors import LowlabelError
@@ -88,7 +89,7 @@ def test_early_stopping_counts_validations_and_restores_best_weights(
     dataset, tmp_path, monkeypatch, dice, patience, min_delta, stop_at, best_at
 ):
     scripted = ScriptedValidation(dice)
-    monkeypatch.setattr(loop, "validate", scripted)
+    monkeypatch.setattr(objectives, "validate", scripted)
     evaluated = {}
 
     def fake_evaluate(model, cfg, subjects, out, progress):
@@ -237,7 +238,7 @@ def test_two_seeded_cpu_runs_are_identical(reference, tmp_path):
 def crash_at_second_validation(cfg: RunConfig, monkeypatch) -> None:
     """Run ``fit(cfg)`` until it crashes in its second validation (the first one logged and
     checkpointed, however many networks each validation scores)."""
-    real = loop.validate
+    real = objectives.validate
     metrics = run_dir(cfg) / "metrics.jsonl"
 
     def crash_on_second(model, items, c):
@@ -245,10 +246,10 @@ def crash_at_second_validation(cfg: RunConfig, monkeypatch) -> None:
             raise RuntimeError("simulated crash")
         return real(model, items, c)
 
-    monkeypatch.setattr(loop, "validate", crash_on_second)
+    monkeypatch.setattr(objectives, "validate", crash_on_second)
     with pytest.raises(RuntimeError, match="simulated crash"):
         fit(cfg, progress=False)
-    monkeypatch.setattr(loop, "validate", real)
+    monkeypatch.setattr(objectives, "validate", real)
 
 
 def test_resume_after_a_crash_matches_the_uninterrupted_run(reference, tmp_path, monkeypatch):
@@ -273,7 +274,7 @@ def test_resume_of_a_finished_run_reuses_it(reference, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run must not train again")
 
-    monkeypatch.setattr(loop, "validate", no_training)
+    monkeypatch.setattr(objectives, "validate", no_training)
     assert fit(cfg, resume=True, progress=False) == result
     assert (Path(result.run_dir) / "best.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(LowlabelError, match="exists"):
@@ -283,7 +284,7 @@ def test_resume_of_a_finished_run_reuses_it(reference, monkeypatch):
 def test_a_run_that_stopped_early_and_crashed_in_evaluation_resumes_without_training(
     dataset, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(loop, "validate", ScriptedValidation([0.2, 0.5, 0.4, 0.45, 0.9, 0.9]))
+    monkeypatch.setattr(objectives, "validate", ScriptedValidation([0.2, 0.5, 0.4, 0.45, 0.9, 0.9]))
 
     def crash(*args):
         raise RuntimeError("killed during evaluation")
@@ -293,7 +294,7 @@ def test_a_run_that_stopped_early_and_crashed_in_evaluation_resumes_without_trai
     with pytest.raises(RuntimeError, match="during evaluation"):
         fit(cfg, progress=False)
     never = ScriptedValidation([])  # any further training step would validate and fail here
-    monkeypatch.setattr(loop, "validate", never)
+    monkeypatch.setattr(objectives, "validate", never)
     evaluated = {}
 
     def fake_evaluate(model, cfg, subjects, out, progress):

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
+from lowlabel import checkpoint
 from lowlabel.config import load_config, run_dir, to_dict
-from lowlabel.engine import checkpoint
 from lowlabel.errors import LowlabelError
 from lowlabel.models.pretrain import build_pretrain_model
 from lowlabel.models.transfer import block_names, encoder_blocks, prepare
@@ -40,7 +40,8 @@ def _pretrained(cfg, path):
 
 def test_encoder_blocks_follow_monai_nesting(tiny_config):
     three = build_model(tiny_config.model, 3)
-    five = build_model(tiny_config.replace(**{"model.levels": 5}).model, 3)
+    five_cfg = tiny_config.replace(**{"model.levels": 5, "data.patch_size": [32, 32, 32]})
+    five = build_model(five_cfg.model, 3)
     assert block_names(three) == ["model.0", "model.1.submodule.0", "model.1.submodule.1.submodule"]
     assert block_names(five)[:3] == [
         "model.0",

@@ -25,11 +25,11 @@ from pathlib import Path
 import yaml
 from torch import nn
 
+from lowlabel import checkpoint
 from lowlabel.atomic import write_json, write_text
 from lowlabel.config import RunConfig, dump_yaml, from_dict, to_dict
 from lowlabel.data.io import LABEL_NAMES
 from lowlabel.data.transforms import AXCODES, patch_shape
-from lowlabel.engine import checkpoint
 from lowlabel.errors import LowlabelError
 
 log = logging.getLogger(__name__)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
+from lowlabel.data.size import patch_problem
 from lowlabel.errors import LowlabelError
 
 
@@ -317,12 +318,17 @@ def to_dict(cfg: Any) -> dict:
     }
 
 
-def from_dict(data: dict) -> RunConfig:
-    """Build a validated :class:`RunConfig`; unknown keys and wrong types name the key."""
+def from_dict(data: dict, check: bool = True) -> RunConfig:
+    """Build a validated :class:`RunConfig`; unknown keys and wrong types name the key.
+
+    With ``check`` off, only keys and types are checked, not :func:`validate`'s cross-field rules
+    (for a config built in layers, each of which may set only one of two keys that must agree).
+    """
     if not isinstance(data, dict):
         raise LowlabelError("a config must be a mapping of sections (data, model, train, ...)")
     cfg = _from_dict(RunConfig, data)
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 
@@ -351,11 +357,12 @@ def parse_set(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+def apply_overrides(cfg: RunConfig, overrides: dict[str, Any], check: bool = True) -> RunConfig:
+    """``cfg`` with dotted-key ``overrides``; ``check`` as in :func:`from_dict`."""
     data = to_dict(cfg)
     for key, value in overrides.items():
         _set_dotted(data, key, value)
-    return from_dict(data)
+    return from_dict(data, check)
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -397,13 +404,9 @@ def validate(cfg: RunConfig) -> None:
         raise LowlabelError("config key 'data.spacing': give three positive numbers in mm")
     if not 3 <= m.levels <= 6:
         raise LowlabelError(f"config key 'model.levels': {m.levels} is outside 3..6")
-    factor = 2 ** (m.levels - 1)
-    bad = [p for p in d.patch_size if p % factor]
-    if bad:
-        raise LowlabelError(
-            f"config key 'data.patch_size': {list(d.patch_size)} must be divisible by {factor} "
-            f"for a {m.levels}-level network"
-        )
+    problem = patch_problem(d.patch_size, m.levels, m.norm == "instance")
+    if problem:
+        raise LowlabelError(f"config key 'data.patch_size': {problem}")
     for key, value in (
         ("data.budget", d.budget),
         ("data.n_val", d.n_val),
@@ -423,6 +426,18 @@ def validate(cfg: RunConfig) -> None:
             raise LowlabelError(f"config key '{key}': must be >= 1, got {value}")
     if not 0.0 <= cfg.semi.ema < 1.0 or not 0.0 <= cfg.semi.rampup <= 1.0:
         raise LowlabelError("config keys 'semi.ema' in [0, 1) and 'semi.rampup' in [0, 1]")
+    tr = cfg.transfer
+    if tr.mode == "scratch" and tr.init_from:
+        raise LowlabelError(
+            "config keys 'transfer.init_from' and 'transfer.mode': init_from is set but the mode "
+            "is scratch, which would ignore it; choose frozen, finetune or gradual, or unset "
+            "init_from"
+        )
+    if tr.mode != "scratch" and not tr.init_from:
+        raise LowlabelError(
+            f"config keys 'transfer.mode' and 'transfer.init_from': mode {tr.mode} needs a "
+            "pretrained checkpoint or pretraining run folder in init_from"
+        )
     if d.label_map is not None:
         bad_targets = sorted(v for v in d.label_map.values() if v not in (0, 1, 2, 3))
         if bad_targets:
@@ -432,20 +447,56 @@ def validate(cfg: RunConfig) -> None:
             )
 
 
-def config_hash(cfg: RunConfig) -> str:
-    """A short digest of everything that changes results (not ``name`` or ``out``)."""
-    data = to_dict(cfg)
+# How a run executes, not what it computes: these keys never rename a run folder. The device
+# and precision settings join this list.
+EXECUTION_KEYS = ("train.threads", "train.workers", "train.compile", "train.channels_last")
+
+# What a pretraining run does not read: its folder is hashed on the rest.
+PRETRAIN_UNREAD = (
+    "data.budget",
+    "data.pos_fraction",
+    "train.steps",
+    "train.lr",
+    "train.schedule",
+    "train.patience",
+    "train.min_delta",
+    "train.max_minutes",
+    "transfer",
+    "semi",
+)
+
+
+def _reset(data: dict, key: str, defaults: dict) -> None:
+    """Put ``key`` (dotted) of ``data`` back to its value in ``defaults``."""
+    *path, last = key.split(".")
+    node, default = data, defaults
+    for part in path:
+        node, default = node[part], default[part]
+    node[last] = default[last]
+
+
+def config_hash(cfg: RunConfig, kind: str = "train") -> str:
+    """A short digest of everything that changes a run's results (``kind`` ``train`` or
+    ``pretrain``); ``name``, ``out``, :data:`EXECUTION_KEYS` and, for a pretraining run,
+    :data:`PRETRAIN_UNREAD` do not count.
+
+    Keys that do not count are hashed at their defaults rather than dropped, so a folder made
+    with default execution settings keeps its name.
+    """
+    data, defaults = to_dict(cfg), to_dict(RunConfig())
+    for key in EXECUTION_KEYS + (PRETRAIN_UNREAD if kind == "pretrain" else ()):
+        _reset(data, key, defaults)
     data.pop("name")
     data.pop("out")
-    if cfg.semi.method == "none":  # off, it changes nothing: runs made before it keep their folder
+    if data["semi"]["method"] == "none":  # off, it changes nothing: older runs keep their folder
         data.pop("semi")
     blob = json.dumps(data, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:8]
 
 
-def run_dir(cfg: RunConfig) -> Path:
+def run_dir(cfg: RunConfig, kind: str = "train") -> Path:
     """Where a run lives: ``<out>/<name>-<hash>``, so the same config always finds its folder."""
-    return Path(cfg.out) / f"{cfg.name}-{config_hash(cfg)}"
+    return Path(cfg.out) / f"{cfg.name}-{config_hash(cfg, kind)}"
 
 
 def dump_yaml(cfg: RunConfig) -> str:

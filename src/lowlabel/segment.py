@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,9 @@ from lowlabel.atomic import write_text
 from lowlabel.bundle import Bundle
 from lowlabel.bundle import load as load_bundle
 from lowlabel.data.io import TISSUES, quiet_nibabel, write_nifti
+from lowlabel.data.size import coarsest_factor
 from lowlabel.data.transforms import patch_shape
+from lowlabel.engine.runtime import set_threads
 from lowlabel.errors import LowlabelError, unwrap
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def check_scan(path: Path, bundle: Bundle) -> None:
     # the network's coarsest level needs 2**(levels-1) voxels, and a scan under half the training
     # window would be mostly padding, which the model never saw in training
     window = np.asarray(patch_shape(cfg.data), dtype=float)[world]
-    need = np.maximum(2 ** (cfg.model.levels - 1), np.ceil(window / 2))
+    need = np.maximum(coarsest_factor(cfg.model.levels), np.ceil(window / 2))
     if (grid < need)[seen].any():
         need = int(need[seen].max())
         raise LowlabelError(
@@ -215,7 +216,7 @@ def segment(
         inputs: NIfTI files and folders of them.
         out_dir: where ``<name>_seg.nii.gz``, optional ``<name>_prob_{csf,gm,wm}.nii.gz`` and
             ``volumes.csv`` (CSF, GM, WM and total brain = GM + WM, in mL) are written.
-        threads: torch threads, 0 for all cores.
+        threads: torch threads, 0 for all cores (:func:`lowlabel.engine.runtime.thread_count`).
 
     Returns:
         The volume rows and one error line per input that could not be segmented.
@@ -228,7 +229,7 @@ def segment(
     from lowlabel.data.transforms import preprocess
 
     bundle = model_dir if isinstance(model_dir, Bundle) else load_bundle(model_dir)
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    set_threads(threads)  # the one thread policy; a bundle has no loader workers
     out_dir = Path(out_dir)
     result = SegmentResult(out_dir=out_dir)
     files, result.errors = expand_inputs(inputs)

@@ -103,13 +103,6 @@ def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
     return tuple(float(v) for v in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0)))
 
 
-def fewest_voxels(extent_mm, spacing, spatial_dims: int) -> float:
-    """Voxels along the shortest axis a network sees once a scan of ``extent_mm`` (x, y, z) is
-    resampled to ``spacing``; a 2D model ignores the through-plane axis (the shortest)."""
-    voxels = sorted(float(e) / float(s) for e, s in zip(extent_mm, spacing, strict=True))
-    return voxels[1] if spatial_dims == 2 else voxels[0]
-
-
 def write_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray, *, like=None) -> None:
     """Write atomically: to a temporary name in the same folder, then rename."""
     path = Path(path)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
 from lowlabel.config import RunConfig
 from lowlabel.data.transforms import patch_shape
+from lowlabel.engine.runtime import autocast
 
 
 class SliceModel(nn.Module):
@@ -21,10 +20,6 @@ class SliceModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x[..., 0])[..., None]
-
-
-def autocast(enabled: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
 @torch.no_grad()

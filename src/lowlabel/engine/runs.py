@@ -8,10 +8,14 @@ from pathlib import Path
 import yaml
 from torch import nn
 
+from lowlabel import checkpoint
 from lowlabel.config import RunConfig, from_dict
-from lowlabel.engine import checkpoint
+from lowlabel.data.datasets import load_dataset
+from lowlabel.engine.evaluate import evaluate
+from lowlabel.engine.runtime import runtime
 from lowlabel.errors import LowlabelError
 from lowlabel.models.unet import build_model
+from lowlabel.run_folder import BEST, CONFIG, SPLITS
 
 
 def load_run(run_dir: str | Path) -> tuple[RunConfig, nn.Module]:
@@ -21,7 +25,7 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, nn.Module]:
         LowlabelError: the folder is not a run or has no best weights yet.
     """
     run_dir = Path(run_dir)
-    cfg_path, weights = run_dir / "config.yaml", run_dir / "best.safetensors"
+    cfg_path, weights = run_dir / CONFIG, run_dir / BEST
     if not cfg_path.is_file() or not weights.is_file():
         raise LowlabelError(
             f"{run_dir}: not a finished training run (needs config.yaml and best.safetensors); "
@@ -45,15 +49,11 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, nn.Module]:
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, progress: bool = True) -> dict:
     """Re-evaluate a run on its test split, or on every subject of another dataset."""
-    from lowlabel.data.datasets import load_dataset
-    from lowlabel.engine.evaluate import evaluate
-    from lowlabel.engine.loop import set_threads
-
     run_dir = Path(run_dir)
     cfg, model = load_run(run_dir)
-    set_threads(cfg.train.threads)
+    runtime(cfg)  # the thread policy of training, so evaluation runs as it did inside training
     if data is None:
-        split_path = run_dir / "splits.json"
+        split_path = run_dir / SPLITS
         try:
             split = json.loads(split_path.read_text())
             source, test = split["source"], list(split["test"])

@@ -13,6 +13,7 @@ loaded, skipped or mismatched is written to ``transfer.json``.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +21,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lowlabel import checkpoint
 from lowlabel.atomic import write_json
 from lowlabel.config import RunConfig, from_dict
-from lowlabel.engine import checkpoint
 from lowlabel.errors import LowlabelError
+from lowlabel.models.pretrain import build_pretrain_model
+from lowlabel.models.unet import build_model
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +74,6 @@ def resolve_source(init_from: str | Path) -> Path:
     if path.is_dir():
         result = path / "result.json"
         if result.exists():
-            import json
-
             info = json.loads(result.read_text())
             ckpts = info.get("checkpoints")
             if ckpts:
@@ -95,9 +96,6 @@ def resolve_source(init_from: str | Path) -> Path:
 
 def source_model(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> nn.Module:
     """Rebuild the network a checkpoint came from (config from its metadata), with its weights."""
-    from lowlabel.models.pretrain import build_pretrain_model
-    from lowlabel.models.unet import build_model
-
     if "config" not in meta:
         raise LowlabelError(
             f"{path}: checkpoint has no lowlabel config in its metadata; "

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from lowlabel.atomic import read_jsonl, write_json, write_text
 from lowlabel.config import from_dict, run_dir, to_dict
 from lowlabel.errors import LowlabelError, find_user_error
+from lowlabel.run_folder import RESULT
 from lowlabel.study.spec import Cell, Study, check, expand, load_study, plan_json, resolve
 
 log = logging.getLogger(__name__)
@@ -51,26 +52,16 @@ def default_jobs(threads_per_job: int = 1) -> int:
 # what a worker does
 
 
-def _pin_threads(threads: int) -> None:
-    """Fix this worker's torch threads at ``threads`` for every run it executes.
-
-    The thread count is an execution setting chosen by the runner (cores // jobs), not part of
-    what a run computes, so it must not change a run's config and hence its folder.
-    """
-    import torch
-
-    torch.set_num_threads(threads)
-    torch.set_num_threads = lambda _n: None  # fit() and pretrain() would reset it per run
-
-
 def run_cell(kind: str, config: dict, threads: int = 0) -> dict:
     """Execute one cell in this process; the result as a plain dict (also in ``result.json``).
 
-    A finished run returns its saved result; an interrupted one resumes.
+    A finished run returns its saved result; an interrupted one resumes. ``threads`` (chosen by
+    the runner: cores // jobs) replaces ``train.threads``, an execution key that never renames a
+    run folder.
     """
-    if threads:
-        _pin_threads(threads)
     cfg = from_dict(config)
+    if threads:
+        cfg = cfg.replace(**{"train.threads": threads})
     if kind == "pretrain":
         from lowlabel.engine.pretrain import pretrain
 
@@ -107,12 +98,10 @@ class LocalBackend:
         self.pool = cf.ProcessPoolExecutor(
             max_workers=jobs,
             mp_context=mp.get_context("spawn"),
-            initializer=_pin_threads,
-            initargs=(threads,),
         )
 
     def submit(self, kind: str, config: dict) -> cf.Future:
-        return self.pool.submit(run_cell, kind, config, 0)
+        return self.pool.submit(run_cell, kind, config, self.threads)
 
     def close(self, cancel: bool = False) -> None:
         self.pool.shutdown(wait=not cancel, cancel_futures=cancel)
@@ -191,7 +180,7 @@ def prepare(
 def _make_splits(cells: list[Cell]) -> None:
     """Write every split file the runs will read before any of them starts, so parallel runs
     never race to create the same file (and an impossible budget fails now)."""
-    from lowlabel.engine.loop import resolve_dataset, resolve_splits
+    from lowlabel.data.cohort import resolve_dataset, resolve_splits  # loads torch and MONAI
 
     seen = set()
     datasets: dict = {}
@@ -367,7 +356,7 @@ def run_study(
 
 
 def _finished(cell: Cell) -> dict | None:
-    path = run_dir(cell.cfg) / "result.json"
+    path = run_dir(cell.cfg, cell.kind) / RESULT
     if not path.exists():
         return None
     try:
@@ -409,7 +398,7 @@ def _mlflow(uri: str):
     mlflow.set_tracking_uri(uri)
 
     def log_run(cell: Cell, result: dict) -> None:
-        folder = Path(result.get("run_dir") or run_dir(cell.cfg))
+        folder = Path(result.get("run_dir") or run_dir(cell.cfg, cell.kind))
         mlflow.set_experiment(Path(cell.cfg.out).parent.name)
         with mlflow.start_run(run_name=folder.name):
             mlflow.log_params(_flat(to_dict(cell.cfg)))

@@ -21,8 +21,8 @@ from typing import Any
 
 import yaml
 
-from lowlabel.config import RunConfig, apply_overrides, run_dir, to_dict
-from lowlabel.data.io import fewest_voxels
+from lowlabel.config import RunConfig, apply_overrides, run_dir, to_dict, validate
+from lowlabel.data.size import too_small
 from lowlabel.errors import LowlabelError
 
 STUDIES = Path(__file__).resolve().parent.parent / "studies"
@@ -87,7 +87,8 @@ class Cell:
     @property
     def run_dir(self) -> Path | None:
         """The run folder, or None while a transfer cell waits for its checkpoint."""
-        return None if self.needs and _is_ref(self.cfg.transfer.init_from) else run_dir(self.cfg)
+        waiting = self.needs and _is_ref(self.cfg.transfer.init_from)
+        return None if waiting else run_dir(self.cfg, self.kind)
 
     def to_json(self) -> dict:
         folder = self.run_dir
@@ -290,9 +291,13 @@ def _config(
     cfg = cfg or RunConfig()
     for name, overrides in layers:
         try:
-            cfg = apply_overrides(cfg, _scaled(overrides, scale))
+            cfg = apply_overrides(cfg, _scaled(overrides, scale), check=False)
         except LowlabelError as err:
             raise LowlabelError(f"{where} ({name}): {err}") from None
+    try:  # the layers together, as train would see them: the same rules, the same refusals
+        validate(cfg)
+    except LowlabelError as err:
+        raise LowlabelError(f"{where}: {err}") from None
     return cfg
 
 
@@ -370,12 +375,14 @@ def expand(
             cfg = _config([("--set", overrides)], 1.0, f"{study.path}: pretraining.{name}", cfg)
             cfg = _finish(cfg, "pretrain", seed, out, min_steps)
             pre_cfgs[(name, seed)] = cfg
-            cell = Cell(key=f"pretrain/{run_dir(cfg).name}", kind="pretrain", cfg=cfg, seed=seed)
+            cell = Cell(
+                key=f"pretrain/{run_dir(cfg, 'pretrain').name}", kind="pretrain", cfg=cfg, seed=seed
+            )
             cells.setdefault(cell.key, cell)
         for tname, table in study.tables.items():
             if "pretraining" in table:
                 cfg = pre_cfgs[(table["pretraining"], seed)]
-                cells[f"pretrain/{run_dir(cfg).name}"].labels[tname] = {}
+                cells[f"pretrain/{run_dir(cfg, 'pretrain').name}"].labels[tname] = {}
                 continue
             axes = table.get("axes") or []
             for levels in itertools.product(*(list(study.axes[a]) for a in axes)):
@@ -391,7 +398,7 @@ def expand(
                 needs = pre_key = None
                 if _is_ref(cfg.transfer.init_from):
                     needs = _parse_ref(cfg.transfer.init_from, study, pre_cfgs, seed, scale, where)
-                    pre_key = f"pretrain/{run_dir(pre_cfgs[(needs[0], seed)]).name}"
+                    pre_key = f"pretrain/{run_dir(pre_cfgs[(needs[0], seed)], 'pretrain').name}"
                     if cfg.transfer.mode == "scratch":
                         raise LowlabelError(
                             f"{where}: transfer.init_from is set but "
@@ -472,13 +479,14 @@ def check(cells: list[Cell]) -> None:
     """Refuse, before any run starts, runs that cannot work on their data.
 
     Checks every cell's label budget against the subjects available and the network depth
-    against the smallest scan at the cell's spacing, and that a transfer cell's pretraining run
+    against the smallest scan at the cell's spacing (:func:`lowlabel.data.size.too_small`; the
+    patch size is checked with the config), and that a transfer cell's pretraining run
     is part of the study and a literal ``init_from`` exists.
 
     Raises:
         LowlabelError: naming the cell and the key to change.
     """
-    from lowlabel.engine.loop import resolve_dataset
+    from lowlabel.data.cohort import resolve_dataset  # loads torch and MONAI: only when checking
 
     keys = {c.key for c in cells}
     sizes: dict[tuple, tuple[int, list[tuple[str, tuple[float, ...]]]]] = {}
@@ -509,22 +517,11 @@ def check(cells: list[Cell]) -> None:
                 f"data.n_val={cfg.data.n_val} needs more than the {n} subjects of the dataset; "
                 "lower them in the study or profile"
             )
-        need = 2 ** (cfg.model.levels - 1)
-        patch = cfg.data.patch_size
-        if cfg.model.norm == "instance" and min(patch) < 2 * need:
-            raise LowlabelError(
-                f"{where}: data.patch_size {list(patch)} leaves a single voxel at the bottom of a "
-                f"{cfg.model.levels}-level UNet, where instance norm cannot work; use a patch of "
-                f"at least {2 * need} or fewer model.levels"
-            )
         for image, extent in extents:
-            fewest = fewest_voxels(extent, cfg.data.spacing, cfg.data.spatial_dims)
-            if fewest < need:
-                raise LowlabelError(
-                    f"{where}: a {cfg.model.levels}-level UNet needs at least {need} voxels per "
-                    f"axis but {image} has about {int(fewest)} at data.spacing "
-                    f"{list(cfg.data.spacing)}; use fewer model.levels or a finer data.spacing"
-                )
+            d = cfg.data
+            problem = too_small(extent, d.spacing, d.spatial_dims, cfg.model.levels)
+            if problem:
+                raise LowlabelError(f"{where}: {image}: {problem}")
 
 
 def _extent(path: str) -> tuple[float, ...]:

@@ -1,0 +1,170 @@
+"""Everything a run reads before its first step: the dataset, its saved splits, the cached
+subjects, the size check and the unlabelled pool.
+
+Nothing here writes into a run folder; a failure here happens before any folder is made.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from monai.transforms import Compose
+from tqdm.auto import tqdm
+
+from lowlabel.config import RunConfig
+from lowlabel.data.datasets import Dataset, check_pair, load_dataset
+from lowlabel.data.demo import demo_dataset
+from lowlabel.data.io import spacing_of
+from lowlabel.data.size import too_small
+from lowlabel.data.splits import dataset_key, labelled, load_or_make, save
+from lowlabel.data.transforms import index_foreground, preprocess
+from lowlabel.errors import LowlabelError, unwrap
+
+
+def resolve_dataset(cfg: RunConfig) -> Dataset:
+    """The run's dataset: ``data.dataset``, or the demo cohort (made on first use)."""
+    source = cfg.data.dataset or str(demo_dataset(cfg.data.demo_subjects, cfg.data.demo_spacing))
+    return load_dataset(source)
+
+
+def resolve_splits(cfg: RunConfig, ds: Dataset) -> dict:
+    """The saved split file for this dataset and split seed, made on first use."""
+    d = cfg.data
+    path = Path(cfg.out) / "splits" / f"{dataset_key(ds.source, ds.ids)}-seed{d.split_seed}.json"
+    splits = load_or_make(path, ds.ids, d.n_test, d.n_val, d.split_seed)
+    before = json.dumps(splits, sort_keys=True)
+    train_ids = labelled(splits, d.budget, d.draw)
+    if json.dumps(splits, sort_keys=True) != before or not path.exists():
+        save(path, splits)
+    return {
+        "source": ds.source,
+        "split_file": str(path),
+        "test": splits["test"],
+        "val": splits["val"],
+        "train": train_ids,
+    }
+
+
+def cache(subjects: list[dict], transform, desc: str, progress: bool) -> list[dict]:
+    """Preprocess each subject once; epochs never decode gzip again."""
+    out = []
+    for subject in tqdm(subjects, desc=desc, disable=not progress, leave=False):
+        keys = {k: subject[k] for k in ("image", "label")}
+        out.append(unwrap(transform, keys))
+    return out
+
+
+def cache_images(images: list[dict], transform: Compose, desc: str, progress: bool) -> list[dict]:
+    """Preprocess each image once (no label: the pool may hold unlabelled scans)."""
+    return [
+        unwrap(transform, {"image": item["image"]})
+        for item in tqdm(images, desc=desc, disable=not progress, leave=False)
+    ]
+
+
+def unlabelled_pool(
+    cfg: RunConfig, ds: Dataset | None = None
+) -> tuple[list[dict], list[dict], dict]:
+    """Training-pool images (labels ignored) plus the extra unlabelled ones; validation subjects.
+
+    The pool is the split's labelled-training pool at budget 0, so no validation or test subject
+    is ever pretrained on.
+    """
+    ds = ds or resolve_dataset(cfg)
+    split = resolve_splits(cfg.replace(**{"data.budget": 0}), ds)
+    pool = [{"image": s["image"]} for s in ds.by_id(split["train"])]
+    pool += [{"image": p} for p in ds.unlabelled]
+    if not pool:
+        raise LowlabelError(f"{ds.source}: no training or unlabelled images to pretrain on")
+    val = [{"image": s["image"]} for s in ds.by_id(split["val"])]
+    return pool, val, split
+
+
+def check_size(items: list[dict], cfg: RunConfig) -> None:
+    """A scan smaller than the network's coarsest level is refused rather than padded.
+
+    Args:
+        items: preprocessed subjects whose ``image`` carries its file name and original affine.
+    """
+    for item in items:
+        meta = item["image"].meta
+        shape, affine = meta["spatial_shape"], meta["original_affine"]
+        extent = np.asarray(shape) * np.asarray(spacing_of(affine))
+        d = cfg.data
+        problem = too_small(extent, d.spacing, d.spatial_dims, cfg.model.levels)
+        if problem:
+            raise LowlabelError(f"{meta['filename_or_obj']}: {problem}")
+
+
+@dataclass
+class Cohort:
+    """The data of one segmentation run, cached and checked.
+
+    Attributes:
+        split: ``source``, ``split_file`` and the ``train`` / ``val`` / ``test`` subject ids.
+        pool: the unlabelled images of a mean-teacher run (``None`` otherwise), and
+            ``pool_items`` the same, preprocessed.
+    """
+
+    dataset: Dataset
+    split: dict
+    train_items: list[dict]
+    val_items: list[dict]
+    pool: list[dict] | None = None
+    pool_items: list[dict] | None = field(default=None, repr=False)
+
+    @property
+    def test_subjects(self) -> list[dict]:
+        return self.dataset.by_id(self.split["test"])
+
+
+def load_cohort(cfg: RunConfig, progress: bool = True, check_test: bool = True) -> Cohort:
+    """Resolve, split, cache and check the data of a training run.
+
+    With ``check_test`` a bad test scan is found now, not after the whole training budget.
+
+    Raises:
+        LowlabelError: unreadable or mismatched scans, an impossible budget, a scan too small.
+    """
+    ds = resolve_dataset(cfg)
+    split = resolve_splits(cfg, ds)
+    pre = preprocess(cfg.data)
+    train_items = cache(
+        ds.by_id(split["train"]), Compose([pre, index_foreground()]), "cache train", progress
+    )
+    val_items = cache(ds.by_id(split["val"]), pre, "cache val", progress)
+    cohort = Cohort(ds, split, train_items, val_items)
+    if cfg.semi.method != "none":
+        cohort.pool, _, _ = unlabelled_pool(cfg, ds)
+        cohort.pool_items = cache_images(
+            cohort.pool, preprocess(cfg.data, keys=("image",)), "cache unlabelled", progress
+        )
+    check_size(train_items + val_items, cfg)
+    if check_test:
+        for subject in cohort.test_subjects:
+            check_pair(subject, cfg.data.label_map)
+    return cohort
+
+
+@dataclass
+class Pool:
+    """The data of one pretraining run: the pool's images and the validation images, cached."""
+
+    split: dict
+    images: list[dict]
+    val: list[dict]
+    items: list[dict] = field(repr=False)
+    val_items: list[dict] = field(repr=False)
+
+
+def load_pool(cfg: RunConfig, progress: bool = True) -> Pool:
+    """Resolve, cache and check the unlabelled pool of a pretraining run."""
+    pool, val, split = unlabelled_pool(cfg)
+    pre = preprocess(cfg.data, keys=("image",))
+    items = cache_images(pool, pre, "cache pool", progress)
+    val_items = cache_images(val, pre, "cache val", progress)
+    check_size(items + val_items, cfg)
+    return Pool(split, pool, val, items, val_items)
