@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 from torch import nn
 
-from lowlabel import checkpoint
+from lowlabel import checkpoint, run_folder
 from lowlabel.atomic import write_json, write_text
 from lowlabel.config import RunConfig, dump_yaml, from_dict, to_dict
 from lowlabel.data.io import LABEL_NAMES
@@ -99,10 +99,10 @@ def export(run_dir: str | Path, model_dir: str | Path) -> Path:
     if model_dir.exists() and (not model_dir.is_dir() or any(model_dir.iterdir())):
         raise LowlabelError(f"{model_dir}: exists and is not an empty folder; choose a new folder")
     cfg, model = load_run(run_dir)
-    weights_meta = checkpoint.read_meta(run_dir / "best.safetensors")
-    split = _read_json(run_dir / "splits.json") or {}
-    result = _read_json(run_dir / "result.json")
-    trained = _read_json(run_dir / "provenance.json") or {}
+    weights_meta = checkpoint.read_meta(run_dir / run_folder.BEST)
+    split = _read_json(run_dir / run_folder.SPLITS) or {}
+    result = _read_json(run_dir / run_folder.RESULT)
+    trained = _read_json(run_dir / run_folder.PROVENANCE) or {}
     if result is None:
         log.warning(
             "%s: run has no result.json (unfinished?); exporting its best weights so far", run_dir
@@ -177,7 +177,7 @@ def load(model_dir: str | Path) -> Bundle:
     if not info_path.is_file():
         hint = (
             "this is a training run; make a bundle with 'lowlabel export RUN_DIR -o MODEL_DIR'"
-            if (path / "best.safetensors").is_file()
+            if (path / run_folder.BEST).is_file()
             else "make one with 'lowlabel export RUN_DIR -o MODEL_DIR'"
         )
         raise LowlabelError(f"{path}: not a lowlabel model folder (no {INFO}); {hint}")

@@ -42,12 +42,22 @@ RESULT = "result.json"
 PROVENANCE = "provenance.json"
 TRANSFER = "transfer.json"
 EVALUATION = "evaluation.json"
+EVALUATION_CSV = "evaluation.csv"
 RECONSTRUCTIONS = "reconstructions.png"
+
+
+CHECKPOINTS = "checkpoint-*.safetensors"
 
 
 def checkpoint_name(step: int) -> str:
     """A pretraining run's checkpoint kept at ``step``."""
     return f"checkpoint-{step}.safetensors"
+
+
+def kept_checkpoints(folder: str | Path) -> list[Path]:
+    """A pretraining run's kept checkpoints in ``folder``, by step."""
+    found = Path(folder).glob(CHECKPOINTS)
+    return sorted(found, key=lambda p: int(p.stem.split("-")[1]))
 
 
 class RunFolder:

@@ -31,6 +31,7 @@ from lowlabel.data.io import TISSUES, read_nifti, spacing_of
 from lowlabel.data.transforms import preprocess
 from lowlabel.engine.inference import predict_logits
 from lowlabel.errors import unwrap
+from lowlabel.run_folder import EVALUATION, EVALUATION_CSV
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +115,8 @@ def evaluate(
         rows.append(row)
     summary = summarise(rows)
     if out_dir is not None:
-        write_json(Path(out_dir) / "evaluation.json", {"summary": summary, "subjects": rows})
-        write_text(Path(out_dir) / "evaluation.csv", rows_to_csv(rows))
+        write_json(Path(out_dir) / EVALUATION, {"summary": summary, "subjects": rows})
+        write_text(Path(out_dir) / EVALUATION_CSV, rows_to_csv(rows))
     return {"subjects": rows, "summary": summary}
 
 

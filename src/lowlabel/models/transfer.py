@@ -27,6 +27,7 @@ from lowlabel.config import RunConfig, from_dict
 from lowlabel.errors import LowlabelError
 from lowlabel.models.pretrain import build_pretrain_model
 from lowlabel.models.unet import build_model
+from lowlabel.run_folder import BEST, RESULT, TRANSFER, kept_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +73,15 @@ def resolve_source(init_from: str | Path) -> Path:
     """
     path = Path(init_from)
     if path.is_dir():
-        result = path / "result.json"
+        result = path / RESULT
         if result.exists():
             info = json.loads(result.read_text())
             ckpts = info.get("checkpoints")
             if ckpts:
                 return Path(ckpts[str(max(int(s) for s in ckpts))])
-            if (path / "best.safetensors").exists():
-                return path / "best.safetensors"
-        found = sorted(
-            path.glob("checkpoint-*.safetensors"), key=lambda p: int(p.stem.split("-")[1])
-        )
+            if (path / BEST).exists():
+                return path / BEST
+        found = kept_checkpoints(path)
         if found:
             return found[-1]
         raise LowlabelError(
@@ -290,7 +289,7 @@ def prepare(model: nn.Module, cfg: RunConfig, run_dir: str | Path) -> Transfer:
             f"{len(mismatched)} shape mismatches); pretrain with the same model.channels as "
             "the segmentation run"
         )
-    write_json(Path(run_dir) / "transfer.json", report)
+    write_json(Path(run_dir) / TRANSFER, report)
     log.info(
         "transfer: %d tensors loaded into levels %s", len(loaded), [lv["level"] for lv in levels]
     )

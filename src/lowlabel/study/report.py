@@ -24,6 +24,7 @@ import numpy as np
 
 from lowlabel.atomic import atomic_path, read_jsonl, write_text
 from lowlabel.errors import LowlabelError
+from lowlabel.run_folder import BEST, METRICS, RESULT, SPLITS
 from lowlabel.study.stats import Difference, Summary, paired, summarize
 
 log = logging.getLogger(__name__)
@@ -96,12 +97,12 @@ def load_runs(study_dir: Path) -> tuple[dict, list[Run]]:
             continue
         seen.add(ident)
         result = None
-        if folder is not None and (folder / "result.json").exists():
+        if folder is not None and (folder / RESULT).exists():
             try:
-                result = json.loads((folder / "result.json").read_text())
+                result = json.loads((folder / RESULT).read_text())
             except json.JSONDecodeError:
                 result = None
-        metrics = read_jsonl(folder / "metrics.jsonl") if folder else []
+        metrics = read_jsonl(folder / METRICS) if folder else []
         runs.append(
             Run(
                 cell["key"],
@@ -122,7 +123,7 @@ def _resolved(cell: dict, pre: dict | None) -> dict:
     its folder follows from the checkpoint that run kept."""
     from lowlabel.config import from_dict, run_dir
 
-    result = Path(pre["run_dir"]) / "result.json" if pre and pre.get("run_dir") else None
+    result = Path(pre["run_dir"]) / RESULT if pre and pre.get("run_dir") else None
     if result is None or not result.exists():
         return cell
     try:
@@ -398,8 +399,8 @@ def overlay_slice(run: Run) -> dict | None:
     if cache.exists():
         with np.load(cache, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
-    splits = run.folder / "splits.json"
-    if not splits.exists() or not (run.folder / "best.safetensors").exists():
+    splits = run.folder / SPLITS
+    if not splits.exists() or not (run.folder / BEST).exists():
         return None
     import torch
 

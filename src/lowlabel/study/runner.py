@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from lowlabel.atomic import read_jsonl, write_json, write_text
 from lowlabel.config import from_dict, run_dir, to_dict
 from lowlabel.errors import LowlabelError, find_user_error
-from lowlabel.run_folder import RESULT
+from lowlabel.run_folder import CONFIG, EVALUATION_CSV, METRICS, RESULT
 from lowlabel.study.spec import Cell, Study, check, expand, load_study, plan_json, resolve
 
 log = logging.getLogger(__name__)
@@ -405,7 +405,7 @@ def _mlflow(uri: str):
             mlflow.set_tags(
                 {"kind": cell.kind, "seed": cell.seed, "tables": ",".join(sorted(cell.labels))}
             )
-            for row in read_jsonl(folder / "metrics.jsonl"):
+            for row in read_jsonl(folder / METRICS):
                 step = int(row.pop("step", 0))
                 mlflow.log_metrics(
                     {
@@ -424,10 +424,10 @@ def _mlflow(uri: str):
                 }
             )
             for name in (
-                "config.yaml",
-                "result.json",
-                "metrics.jsonl",
-                "evaluation.csv",
+                CONFIG,
+                RESULT,
+                METRICS,
+                EVALUATION_CSV,
                 "reconstructions.png",
             ):
                 if (folder / name).exists():
