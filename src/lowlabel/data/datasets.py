@@ -161,6 +161,31 @@ def remap_labels(label: np.ndarray, label_map: dict[int, int] | None, path: str)
     return label
 
 
+def check_same_grid(
+    path: str | Path,
+    shape: tuple[int, ...],
+    affine: np.ndarray,
+    image: str | Path,
+    image_shape: tuple[int, ...],
+    image_affine: np.ndarray,
+) -> None:
+    """The one image/label grid check: the file at ``path`` must share ``image``'s grid.
+
+    Raises:
+        LowlabelError: naming ``path``, when its shape or affine differ.
+    """
+    if shape != image_shape:
+        raise LowlabelError(
+            f"{path}: shape {shape} differs from its image {image} {image_shape}; "
+            "resample it onto the image grid (nearest-neighbour for a label)"
+        )
+    if not np.allclose(affine, image_affine, atol=1e-3):
+        raise LowlabelError(
+            f"{path}: affine differs from its image {image}; the label must share the image "
+            "grid (resample it, nearest-neighbour)"
+        )
+
+
 def check_pair(subject: dict, label_map: dict[int, int] | None = None) -> dict:
     """Read a subject's image and label, check they agree, and summarise them.
 
@@ -169,16 +194,9 @@ def check_pair(subject: dict, label_map: dict[int, int] | None = None) -> dict:
     """
     image, affine = read_nifti(subject["image"], kind="image")
     label, label_affine = read_nifti(subject["label"], kind="label")
-    if image.shape != label.shape:
-        raise LowlabelError(
-            f"{subject['label']}: shape {label.shape} differs from its image {image.shape}; "
-            "resample the label onto the image grid"
-        )
-    if not np.allclose(affine, label_affine, atol=1e-3):
-        raise LowlabelError(
-            f"{subject['label']}: affine differs from its image's; the label must share the "
-            "image grid (resample it, nearest-neighbour)"
-        )
+    check_same_grid(
+        subject["label"], label.shape, label_affine, subject["image"], image.shape, affine
+    )
     label = remap_labels(label, label_map, subject["label"])
     counts = np.bincount(label.ravel().astype(np.int64), minlength=4)[:4]
     return {

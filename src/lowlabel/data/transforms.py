@@ -34,9 +34,8 @@ from monai.transforms import (
 )
 
 from lowlabel.config import AugmentConfig, DataConfig
-from lowlabel.data.datasets import remap_labels
+from lowlabel.data.datasets import check_same_grid, remap_labels
 from lowlabel.data.io import read_nifti
-from lowlabel.errors import LowlabelError
 
 AXCODES = "RAS"
 
@@ -63,15 +62,7 @@ class LoadScand(MapTransform):
             if ref_shape is None:
                 ref_shape, ref_path, ref_affine = array.shape, path, affine
             else:
-                if array.shape != ref_shape:
-                    raise LowlabelError(
-                        f"{path}: shape {array.shape} differs from {ref_path} {ref_shape}; "
-                        "resample it onto the image grid"
-                    )
-                if not np.allclose(affine, ref_affine, atol=1e-3):
-                    raise LowlabelError(
-                        f"{path}: affine differs from {ref_path}; the files must share one grid"
-                    )
+                check_same_grid(path, array.shape, affine, ref_path, ref_shape, ref_affine)
             meta = {
                 "filename_or_obj": str(path),
                 "original_affine": affine,
