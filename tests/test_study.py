@@ -4,6 +4,7 @@ the report and the CLI."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import shutil
@@ -246,20 +247,79 @@ def _runs_csv(study_dir: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
+def one_cell_per_kind(study: study_spec.Study) -> study_spec.Study:
+    """``study`` cut to a plain training cell, a transfer cell and the pretraining run it needs,
+    with the tables and comparisons that name only those."""
+    keep_axes = {}
+    for axis, levels in study.axes.items():
+        plain = [lv for lv, v in levels.items() if not (v or {}).get("transfer.init_from")]
+        transfer = [lv for lv, v in levels.items() if (v or {}).get("transfer.init_from")]
+        keep_axes[axis] = {lv: levels[lv] for lv in plain[:1] + transfer[:1]}
+    refs = {
+        str(v["transfer.init_from"]).lstrip("@").split(":")[0]
+        for levels in keep_axes.values()
+        for v in levels.values()
+        if v and v.get("transfer.init_from")
+    }
+    with_transfer = [
+        t
+        for t, table in study.tables.items()
+        if any(len(keep_axes[a]) > 1 for a in table.get("axes") or [])
+    ]
+    plain_tables = [t for t, table in study.tables.items() if table.get("axes")]
+    chosen = with_transfer[:1] or plain_tables[:1]
+    chosen += [t for t, table in study.tables.items() if table.get("pretraining") in refs]
+    tables = {t: study.tables[t] for t in chosen}
+    axes = keep_axes
+    comparisons = [
+        c
+        for c in study.comparisons
+        if c["table"] in tables
+        and all(lv in axes[a] for side in ("a", "b") for a, lv in c[side].items())
+    ]
+    pretraining = {name: v for name, v in study.pretraining.items() if name in refs}
+    return dataclasses.replace(
+        study, axes=axes, tables=tables, comparisons=comparisons, pretraining=pretraining
+    )
+
+
+@pytest.mark.parametrize("name", sorted(study_spec.builtin_studies()))
+def test_every_cell_of_a_shipped_study_expands_and_checks(name, tmp_path, tiny_dataset):
+    """Every cell of every profile's grid is a valid config that can run on the data."""
+    from lowlabel.study.runner import prepare
+
+    study = study_spec.load_study(name)
+    for profile in study.profiles:
+        _, out, cells = prepare(
+            study, profile, str(tiny_dataset), tmp_path / profile, seeds=[0], overrides=SMOKE
+        )
+        plan = json.loads((out / "plan.json").read_text())
+        assert len(plan["cells"]) == len(cells) == len({c.key for c in cells})
+        keys = {c.key for c in cells}
+        for cell in cells:
+            assert cell.pretrain_key in keys if cell.needs else cell.pretrain_key is None
+        kinds = {(c.kind, c.needs is not None) for c in cells}
+        assert ("train", False) in kinds
+        assert bool(study.pretraining) == ({("pretrain", False), ("train", True)} <= kinds)
+
+
 @pytest.mark.parametrize("name", sorted(study_spec.builtin_studies()))
 def test_shipped_study_smoke_run_then_rerun_finishes_only_missing(
     name, tmp_path, tiny_dataset, monkeypatch, capsys
 ):
-    """Every shipped study runs 2 steps per cell on the tiny phantoms; a rerun after damage
-    redoes exactly the damaged runs, and the report lists every run once."""
+    """A shipped study, cut to one cell per kind, runs 2 steps per cell on the tiny phantoms; a
+    rerun after damage redoes exactly the damaged runs, and the report lists every run once."""
     from lowlabel.study.runner import run_study
 
+    study = one_cell_per_kind(study_spec.load_study(name))
     out = tmp_path / "study"
     first = run_study(
-        name, "quick", str(tiny_dataset), out, seeds=[0], overrides=SMOKE, jobs=2, progress=False
+        study, "quick", str(tiny_dataset), out, seeds=[0], overrides=SMOKE, jobs=2, progress=False
     )
     assert first.failed == {} and first.ran == first.runs and first.skipped == 0
     plan = json.loads((out / "plan.json").read_text())
+    kinds = sorted((c["kind"], bool(c["needs"])) for c in plan["cells"])
+    assert kinds == [("pretrain", False), ("train", False), ("train", True)][: len(kinds)]
     folders = {Path(c["run_dir"]) for c in plan["cells"]}
     assert len(folders) == first.runs and all((f / "result.json").exists() for f in folders)
     rows = _runs_csv(out)
@@ -287,8 +347,8 @@ def test_shipped_study_smoke_run_then_rerun_finishes_only_missing(
         assert shown["images"] >= 3 and shown["broken"] == []
 
     # damage: one run interrupted (result.json gone, checkpoint kept), one never started
-    train = sorted(f for f in folders if f.name.startswith("seg-") and "-scratch-" in f.name)
-    interrupted, missing = train[0], train[1]
+    train = sorted(f for f in folders if f.name.startswith("seg-"))
+    interrupted, missing = train[0], train[-1]
     (interrupted / "result.json").unlink()
     for item in missing.iterdir():
         item.unlink()
@@ -299,7 +359,7 @@ def test_shipped_study_smoke_run_then_rerun_finishes_only_missing(
         if f not in (interrupted, missing)
     }
     second = run_study(
-        name,
+        study,
         "quick",
         str(tiny_dataset),
         out,
