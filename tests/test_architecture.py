@@ -120,3 +120,12 @@ def test_no_function_in_engine_is_longer_than_about_100_lines():
                 lengths[f"{path.stem}.{node.name}"] = node.end_lineno - node.lineno + 1
     assert lengths["loop.fit"] <= 100
     assert max(lengths.values()) <= 100, max(lengths, key=lengths.get)
+
+
+def test_the_study_report_only_reads_files():
+    # no training, no network, no data pipeline: tables and figures from what the runs wrote
+    graph, _ = import_graph()
+    report = {m: t for m, t in graph.items() if m.startswith("lowlabel.study.report")}
+    assert len(report) >= 4
+    computing = ("lowlabel.engine", "lowlabel.models", "lowlabel.data", "lowlabel.study.runner")
+    assert [(m, t) for m, ts in report.items() for t in ts if t.startswith(computing)] == []

@@ -326,6 +326,10 @@ def test_shipped_study_smoke_run_then_rerun_finishes_only_missing(
     assert len(rows) == first.runs and {r["status"] for r in rows} == {"finished"}
     assert len({r["run_dir"] for r in rows}) == len(rows)
 
+    # evaluation wrote the test slice the report shows, so the report runs no network
+    assert all((f / "overlay.npz").exists() for f in folders if f.name.startswith("seg-"))
+    assert list((out / "figures").glob("overlays_*.png"))
+
     # transfer cells were started from their pretraining run's checkpoint
     for cell in plan["cells"]:
         if cell["needs"]:

@@ -320,7 +320,7 @@ def report(
     study_dir: Annotated[Path, typer.Argument(help="A study folder written by 'lowlabel study'.")],
     no_overlays: Annotated[
         bool,
-        typer.Option("--no-overlays", help="Skip the segmentation overlays (no model is loaded)."),
+        typer.Option("--no-overlays", help="Skip the figure of test-slice segmentations."),
     ] = False,
 ) -> None:
     """Rebuild a study's report (report.md, report.html, runs.csv) without training."""

@@ -8,7 +8,8 @@ A run folder (``<out>/<name>-<hash>``, see :func:`lowlabel.config.run_dir`) hold
 - ``metrics.jsonl``: one line per validation;
 - ``last.safetensors``: resumable state (model, optimizer, RNG, loop state);
 - ``best.safetensors`` (training) or ``checkpoint-<step>.safetensors`` (pretraining);
-- ``evaluation.{csv,json}``, ``transfer.json``, ``reconstructions.png`` where they apply;
+- ``evaluation.{csv,json}`` and ``overlay.npz`` (a test slice for the study report),
+  ``transfer.json``, ``reconstructions.png`` where they apply;
 - ``provenance.json`` and, last, ``result.json``, which marks the run finished.
 
 Every file is written atomically (temporary name, then rename).
@@ -43,6 +44,7 @@ PROVENANCE = "provenance.json"
 TRANSFER = "transfer.json"
 EVALUATION = "evaluation.json"
 EVALUATION_CSV = "evaluation.csv"
+OVERLAY = "overlay.npz"
 RECONSTRUCTIONS = "reconstructions.png"
 
 

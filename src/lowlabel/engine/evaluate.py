@@ -24,14 +24,14 @@ from monai.transforms import Invertd
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowlabel.atomic import write_json, write_text
+from lowlabel.atomic import atomic_path, write_json, write_text
 from lowlabel.config import RunConfig
 from lowlabel.data.datasets import remap_labels
 from lowlabel.data.io import TISSUES, read_nifti, spacing_of
 from lowlabel.data.transforms import preprocess
 from lowlabel.engine.inference import predict_logits
 from lowlabel.errors import unwrap
-from lowlabel.run_folder import EVALUATION, EVALUATION_CSV
+from lowlabel.run_folder import EVALUATION, EVALUATION_CSV, OVERLAY
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +101,11 @@ def evaluate(
     pre = preprocess(cfg.data, keys=("image", "label"))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     rows = []
-    for subject in tqdm(subjects, desc="evaluate", disable=not progress, leave=False):
+    for i, subject in enumerate(tqdm(subjects, desc="evaluate", disable=not progress, leave=False)):
         item = unwrap(pre, {"image": subject["image"], "label": subject["label"]})
         logits = predict_logits(model, item["image"], cfg)
+        if i == 0 and out_dir is not None:
+            write_overlay(Path(out_dir) / OVERLAY, item, logits.argmax(0), subject["id"])
         test_loss = float(loss_fn(logits[None], item["label"][None].as_tensor()))
         probs = torch.softmax(logits, 0)
         native = to_native(probs, item["image"], pre)
@@ -118,6 +120,25 @@ def evaluate(
         write_json(Path(out_dir) / EVALUATION, {"summary": summary, "subjects": rows})
         write_text(Path(out_dir) / EVALUATION_CSV, rows_to_csv(rows))
     return {"subjects": rows, "summary": summary}
+
+
+def write_overlay(path: Path, item: dict, pred: torch.Tensor, subject: str) -> None:
+    """The mid-axial slice of a preprocessed scan, its label and a prediction, as plain arrays
+    (``overlay.npz``), so that a study report shows segmentations without running a network.
+
+    Args:
+        item: preprocessed ``image`` and ``label``, each ``(1, X, Y, Z)``.
+        pred: ``(X, Y, Z)`` predicted labels on the same grid.
+    """
+    z = item["image"].shape[-1] // 2
+    arrays = {
+        "image": np.asarray(item["image"][0, :, :, z], dtype=np.float32),
+        "label": np.asarray(item["label"][0, :, :, z], dtype=np.uint8),
+        "pred": np.asarray(pred[:, :, z], dtype=np.uint8),
+        "subject": np.asarray(subject),
+    }
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
 
 
 def summarise(rows: list[dict]) -> dict:

@@ -1,0 +1,210 @@
+"""The report's figures: learning curves, pretraining curves, Dice against labels, and the
+segmentation overlays that evaluation wrote (``overlay.npz``; no network runs here)."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from lowlabel.atomic import atomic_path
+from lowlabel.errors import LowlabelError
+from lowlabel.run_folder import OVERLAY
+from lowlabel.study.report.runs import PRETRAIN_COLUMNS, Run
+from lowlabel.study.report.tables import table_cells
+from lowlabel.study.stats import summarize
+
+log = logging.getLogger(__name__)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
+    _plt().close(fig)
+    return path
+
+
+def learning_curves(plan: dict, runs: list[Run], name: str, path: Path) -> Path | None:
+    """Training loss and validation Dice per cell; dot = best step, cross = early stop."""
+    groups = table_cells(plan, runs, name)
+    if not any(r.metrics for _, g in groups for r in g):
+        return None
+    plt = _plt()
+    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(11, 3.8))
+    colours = plt.get_cmap("tab10")
+    for i, (labels, group) in enumerate(groups):
+        colour = colours(i % 10)
+        for j, run in enumerate(group):
+            if not run.metrics:
+                continue
+            steps = [r["step"] for r in run.metrics]
+            alpha = 1.0 if j == 0 else 0.45
+            label = ", ".join(labels.values()) if j == 0 else None
+            ax_loss.plot(
+                steps,
+                [r["train_loss"] for r in run.metrics],
+                color=colour,
+                alpha=alpha,
+                label=label,
+            )
+            ax_dice.plot(steps, [r["val_dice"] for r in run.metrics], color=colour, alpha=alpha)
+            if run.result:
+                best = run.result.get("best_step")
+                at = [r["val_dice"] for r in run.metrics if r["step"] == best]
+                if at:
+                    ax_dice.plot([best], at, "o", color=colour, alpha=alpha, ms=4)
+                if run.result.get("stopped_early"):
+                    ax_dice.plot(
+                        [steps[-1]],
+                        [run.metrics[-1]["val_dice"]],
+                        "x",
+                        color=colour,
+                        alpha=alpha,
+                        ms=8,
+                        mew=2,
+                    )
+    ax_loss.set(xlabel="step", ylabel="training loss (Dice + CE)", title="Training loss")
+    ax_dice.set(
+        xlabel="step", ylabel="validation mean Dice", title="Validation Dice (o best, x early stop)"
+    )
+    ax_loss.legend(fontsize=7, loc="upper right")
+    for ax in (ax_loss, ax_dice):
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def pretrain_curves(runs: list[Run], path: Path) -> Path | None:
+    pre = [r for r in runs if r.kind == "pretrain" and r.metrics]
+    if not pre:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    colours = plt.get_cmap("tab10")
+    methods = sorted({r.config.get("pretrain", {}).get("method", "?") for r in pre})
+    for run in sorted(pre, key=lambda r: r.seed):
+        method = run.config.get("pretrain", {}).get("method", "?")
+        colour = colours(methods.index(method) % 10)
+        steps = [r["step"] for r in run.metrics]
+        for ax, key in zip(axes, PRETRAIN_COLUMNS, strict=True):
+            ax.plot(
+                steps,
+                [r.get(key, float("nan")) for r in run.metrics],
+                color=colour,
+                alpha=1.0 if run.seed == pre[0].seed else 0.45,
+                label=method if run.seed == min(p.seed for p in pre) else None,
+            )
+    for ax, title in zip(axes, PRETRAIN_COLUMNS.values(), strict=True):
+        ax.set(xlabel="step", title=title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    return _save(fig, path)
+
+
+def dice_vs_labels(runs: list[Run], path: Path) -> Path | None:
+    """Mean test Dice against labelled subjects, one line per network (scratch runs)."""
+    points: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        if run.kind != "train" or run.result is None or not run.result.get("test"):
+            continue
+        if run.config.get("transfer", {}).get("mode", "scratch") != "scratch":
+            continue
+        m, t = run.config["model"], run.config["train"]
+        name = (
+            f"{m['levels']}-level"
+            + (f" res{m['num_res_units']}" if m["num_res_units"] else "")
+            + f" p{t['patience']}"
+            + (f" {t['steps']} steps" if t["steps"] else "")
+        )
+        points[name][int(run.result["n_labelled"])].append(run.value("mean_dice"))
+    if not points:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, (name, by_n) in enumerate(sorted(points.items())):
+        ns = sorted(by_n)
+        shift = 0.06 * (i - (len(points) - 1) / 2)  # keep overlapping error bars apart
+        s = [summarize(by_n[n]) for n in ns]
+        lo = [x.mean - x.ci_low if x.n > 1 else 0 for x in s]
+        hi = [x.ci_high - x.mean if x.n > 1 else 0 for x in s]
+        ax.errorbar(
+            [n + shift for n in ns],
+            [x.mean for x in s],
+            yerr=[lo, hi],
+            marker="o",
+            capsize=3,
+            label=name,
+        )
+    ax.set(
+        xlabel="labelled training subjects",
+        ylabel="test mean Dice (95% CI over seeds)",
+        title="Dice against the number of labelled subjects",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def overlay_slice(run: Run) -> dict | None:
+    """Image, truth and prediction on the mid-axial slice of the run's first test subject, as
+    its evaluation wrote them (``overlay.npz``, plain arrays); None for a run without one."""
+    path = run.folder / OVERLAY
+    if not path.exists():
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def overlays(plan: dict, runs: list[Run], name: str, path: Path) -> Path | None:
+    """Test-slice segmentations of a table's cells (first seed): image, truth, prediction."""
+    shown = []
+    for labels, group in table_cells(plan, runs, name):
+        done = [r for r in group if r.result is not None and r.folder is not None]
+        if done:
+            try:
+                data = overlay_slice(done[0])
+            except (LowlabelError, OSError) as err:
+                log.warning("no overlay for %s: %s", done[0].folder, err)
+                data = None
+            if data is not None:
+                shown.append((", ".join(labels.values()), done[0], data))
+    if not shown:
+        return None
+    plt = _plt()
+    from matplotlib.colors import ListedColormap
+
+    cmap = ListedColormap(
+        [(0, 0, 0, 0), (0.2, 0.5, 1, 0.55), (0.2, 0.85, 0.3, 0.55), (1, 0.85, 0.1, 0.55)]
+    )
+    first = shown[0][2]
+    panels = [("image", None, first), ("truth", "label", first)]
+    panels += [
+        (f"{label}\nDice {run.value('mean_dice'):.3f}", "pred", data) for label, run, data in shown
+    ]
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, (title, key, data) in zip(axes.flat, panels, strict=False):
+        ax.imshow(np.rot90(data["image"]), cmap="gray")
+        if key:
+            ax.imshow(np.rot90(data[key]), cmap=cmap, vmin=0, vmax=3, interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+    fig.suptitle(
+        f"Test subject {first['subject']} (seed {shown[0][1].seed}), mid-axial slice: "
+        "CSF blue, GM green, WM yellow",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,211 @@
+"""The report's tables: one per study table, the paired comparisons, and ``runs.csv``."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+from lowlabel.study.report.runs import PRETRAIN_COLUMNS, TRAIN_COLUMNS, Run
+from lowlabel.study.stats import Difference, Summary, paired, summarize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Table:
+    name: str
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    note: str = ""
+
+
+def table_cells(plan: dict, runs: list[Run], table: str) -> list[tuple[dict[str, str], list[Run]]]:
+    """The cells of a training table in axis order, each with its runs (one per seed)."""
+    axes = plan["tables"][table].get("axes") or []
+    out: dict[tuple, list[Run]] = defaultdict(list)
+    for run in runs:
+        if table in run.labels:
+            out[tuple(run.labels[table].get(a, "") for a in axes)].append(run)
+    order = [tuple(levels) for levels in _product([plan["axes"][a] for a in axes])]
+    return [
+        (dict(zip(axes, key, strict=True)), sorted(out[key], key=lambda r: r.seed))
+        for key in order
+        if key in out
+    ]
+
+
+def _product(lists: list[list[str]]) -> list[list[str]]:
+    result: list[list[str]] = [[]]
+    for items in lists:
+        result = [r + [str(i)] for r in result for i in items]
+    return result
+
+
+def train_table(plan: dict, runs: list[Run], name: str) -> Table:
+    spec = plan["tables"][name]
+    axes = spec.get("axes") or []
+    metrics = spec.get("metrics") or list(TRAIN_COLUMNS)
+    header = (
+        [a.capitalize() for a in axes]
+        + [TRAIN_COLUMNS.get(m, m) for m in metrics]
+        + ["Stopped early", "Seeds"]
+    )
+    rows = []
+    for labels, group in table_cells(plan, runs, name):
+        done = [r for r in group if r.result is not None]
+        digits = {"steps": 0, "best_step": 0}
+        cells = [labels[a] for a in axes]
+        for metric in metrics:
+            cells.append(summarize(r.value(metric) for r in done).text(digits.get(metric, 3)))
+        cells.append(f"{sum(bool(r.result.get('stopped_early')) for r in done)}/{len(done)}")
+        cells.append(f"{len(done)}/{len(group)}")
+        rows.append(cells)
+    note = (
+        "Each cell: mean ± SD [95% CI] over seeds (each seed also draws the labelled "
+        "subjects); a single number when there is one seed or all seeds agree."
+    )
+    return Table(name, spec.get("title", name), header, rows, note)
+
+
+def pretrain_runs(runs: list[Run], plan: dict, name: str) -> list[Run]:
+    return sorted(
+        [r for r in runs if name in r.labels and r.kind == "pretrain"], key=lambda r: r.seed
+    )
+
+
+def _row_at(metrics: list[dict], step: int) -> dict | None:
+    rows = [r for r in metrics if r.get("step", 0) <= step]
+    return rows[-1] if rows and rows[-1].get("step") == step else (rows[-1] if rows else None)
+
+
+def pretrain_table(plan: dict, runs: list[Run], name: str) -> Table:
+    spec = plan["tables"][name]
+    group = pretrain_runs(runs, plan, name)
+    header = ["Steps", *PRETRAIN_COLUMNS.values(), "Seeds"]
+    rows = []
+    for step in plan.get("steps", {}).get(name, []):
+        found = [_row_at(r.metrics, step) for r in group]
+        found = [f for f in found if f is not None and f.get("step") == step]
+        cells = [str(step)]
+        for key in PRETRAIN_COLUMNS:
+            cells.append(summarize(float(f.get(key, float("nan"))) for f in found).text(4))
+        cells.append(f"{len(found)}/{len(group)}")
+        rows.append(cells)
+    return Table(
+        name,
+        spec.get("title", name),
+        header,
+        rows,
+        "Mean ± SD [95% CI] over seeds; validation on held-out validation subjects.",
+    )
+
+
+def comparisons(plan: dict, runs: list[Run]) -> list[Difference]:
+    out = []
+    for comp in plan.get("comparisons", []):
+        table, metric = str(comp["table"]), comp.get("metric", "mean_dice")
+        side = {}
+        for key in ("a", "b"):
+            want = {k: str(v) for k, v in comp[key].items()}
+            side[key] = {
+                str(r.seed): r.value(metric)
+                for r in runs
+                if table in r.labels
+                and r.result is not None
+                and all(r.labels[table].get(k) == v for k, v in want.items())
+            }
+        out.append(
+            paired(comp.get("name", f"{comp['a']} vs {comp['b']}"), metric, side["a"], side["b"])
+        )
+    return out
+
+
+def comparison_table(diffs: list[Difference]) -> Table:
+    rows = [
+        [d.name, d.metric, d.a.text(), d.b.text(), d.diff.text(), str(d.diff.n), d.verdict]
+        for d in diffs
+    ]
+    return Table(
+        "comparisons",
+        "Paired differences (a - b, paired by seed)",
+        ["Comparison", "Metric", "a", "b", "a - b", "Pairs", "Conclusion"],
+        rows,
+    )
+
+
+def _fmt(summary: Summary) -> str:
+    return summary.text()
+
+
+def runs_csv(runs: list[Run]) -> str:
+    """One row per distinct run (a run shared by two tables appears once)."""
+    fields = [
+        "key",
+        "kind",
+        "status",
+        "seed",
+        "tables",
+        "run_dir",
+        "n_labelled",
+        "steps",
+        "best_step",
+        "stopped_early",
+        "best_val_dice",
+        "test_loss",
+        "mean_dice",
+        "dice_csf",
+        "dice_gm",
+        "dice_wm",
+        "hd95_mean",
+        "train_loss",
+        "val_mse",
+        "val_mae",
+        "seconds",
+    ]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    for run in runs:
+        row = {
+            "key": run.key,
+            "kind": run.kind,
+            "status": run.status,
+            "seed": run.seed,
+            "tables": ";".join(
+                f"{t}:" + ",".join(f"{a}={v}" for a, v in lab.items())
+                for t, lab in sorted(run.labels.items())
+            ),
+            "run_dir": str(run.folder) if run.folder else "",
+        }
+        res = run.result or {}
+        for key in (
+            "n_labelled",
+            "steps",
+            "best_step",
+            "stopped_early",
+            "best_val_dice",
+            "train_loss",
+            "val_mse",
+            "val_mae",
+        ):
+            if key in res:
+                row[key] = res[key]
+        row["seconds"] = res.get("train_seconds", res.get("seconds", ""))
+        for key in ("test_loss", "mean_dice", "dice_csf", "dice_gm", "dice_wm", "hd95_mean"):
+            if key in (res.get("test") or {}):
+                row[key] = res["test"][key]
+        if run.kind == "pretrain" and run.metrics:
+            last = run.metrics[-1]
+            for key in PRETRAIN_COLUMNS:
+                row.setdefault(key, last.get(key, ""))
+        writer.writerow(row)
+    return buf.getvalue()
+
+
+def nan_to_dash(value: float) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value}"
