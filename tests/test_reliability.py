@@ -25,8 +25,8 @@ import nibabel as nib
 import pytest
 import torch
 from conftest import make_tiny_dataset, tiny_overrides
+from helpers import COMMANDS, World, fork_cli
 from safetensors.torch import load_file
-from test_cli_errors import COMMANDS, World, fork_cli
 
 from lowlabel import atomic, checkpoint, cli
 from lowlabel.config import load_config, run_dir

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_overrides
+from helpers import assert_same_run, crash_at_second_validation
 from safetensors.torch import load_file
-from test_training import assert_same_run, crash_at_second_validation
 
 from lowlabel import checkpoint
 from lowlabel.config import load_config, run_dir

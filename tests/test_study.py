@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from helpers import write_study
 
 from lowlabel.config import run_dir
 from lowlabel.errors import LowlabelError
@@ -31,49 +31,6 @@ SMOKE = {
     "pretrain.save_steps": [1, 2],
     "train.threads": 1,
 }
-
-
-def write_study(path: Path, dataset: Path | None = None, **changes) -> Path:
-    """A small study: 2 x 2 grid of depth and budget, plus a one-axis table, two seeds."""
-    study = {
-        "name": "tiny",
-        "base": {
-            "data.patch_size": [16, 16, 16],
-            "model.channels": 4,
-            "train.steps": 2,
-            "train.val_every": 1,
-            "data.n_test": 2,
-            "data.n_val": 1,
-            "train.threads": 1,
-            **({"data.dataset": str(dataset)} if dataset else {}),
-        },
-        "seeds": [0, 1],
-        "axes": {
-            "depth": {
-                "3-level": {"model.levels": 3},
-                "2x": {"model.levels": 3, "model.num_res_units": 1},
-            },
-            "data": {"full": {"data.budget": 0}, "low": {"data.budget": 2}},
-        },
-        "tables": {
-            "grid": {"axes": ["depth", "data"]},
-            "again": {"axes": ["data"], "set": {"model.levels": 3}},
-        },
-        "comparisons": [
-            {
-                "name": "full vs low",
-                "table": "grid",
-                "a": {"depth": "3-level", "data": "full"},
-                "b": {"depth": "3-level", "data": "low"},
-            }
-        ],
-    }
-    if "tables" in changes:
-        study["comparisons"] = []  # they name the default tables
-    for key, value in changes.items():
-        study[key] = value
-    path.write_text(yaml.safe_dump(study))
-    return path
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from test_study import write_study
+from helpers import write_study
 
 # The study process kills its own process group (itself and its workers) with SIGKILL right
 # after the first run has finished: a kill at a known point, however fast or busy the machine.

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_tiny_dataset, tiny_overrides
+from helpers import assert_same_run, crash_at_second_validation, metric_rows
 from safetensors.torch import load_file
 
 from lowlabel import checkpoint
@@ -18,31 +19,6 @@ from lowlabel.engine.runs import load_run
 from lowlabel.errors import LowlabelError
 
 STEPS = {"train.steps": 6, "train.val_every": 2, "train.patience": 0, "model.dropout": 0.2}
-
-
-TIMING = {"seconds", "data_share", "steps_per_s"}  # wall-clock columns, free to differ
-
-
-def metric_rows(run: Path) -> list[dict]:
-    """metrics.jsonl without the wall-clock columns."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    ta, tb = load_file(str(a)), load_file(str(b))
-    assert ta.keys() == tb.keys()
-    for key in ta:
-        assert torch.equal(ta[key], tb[key]), key
-
-
-def assert_same_run(a: Path, b: Path) -> None:
-    assert metric_rows(a) == metric_rows(b)
-    assert_same_weights(a / "best.safetensors", b / "best.safetensors")
-    assert_same_weights(a / "last.safetensors", b / "last.safetensors")
-    assert json.loads((a / "evaluation.json").read_text()) == json.loads(
-        (b / "evaluation.json").read_text()
-    )
 
 
 @pytest.fixture(scope="module")
@@ -233,23 +209,6 @@ def test_two_seeded_cpu_runs_are_identical(reference, tmp_path):
     # another seed is another run
     other = fit(cfg.replace(out=str(tmp_path), seed=1), progress=False)
     assert metric_rows(Path(other.run_dir)) != metric_rows(Path(result.run_dir))
-
-
-def crash_at_second_validation(cfg: RunConfig, monkeypatch) -> None:
-    """Run ``fit(cfg)`` until it crashes in its second validation (the first one logged and
-    checkpointed, however many networks each validation scores)."""
-    real = objectives.validate
-    metrics = run_dir(cfg) / "metrics.jsonl"
-
-    def crash_on_second(model, items, c):
-        if metrics.exists() and metrics.read_text().strip():
-            raise RuntimeError("simulated crash")
-        return real(model, items, c)
-
-    monkeypatch.setattr(objectives, "validate", crash_on_second)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        fit(cfg, progress=False)
-    monkeypatch.setattr(objectives, "validate", real)
 
 
 def test_resume_after_a_crash_matches_the_uninterrupted_run(reference, tmp_path, monkeypatch):
