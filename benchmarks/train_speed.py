@@ -7,8 +7,9 @@ RandCropByPosNegLabeld, then lowlabel's augmentations), a MONAI ``DataLoader`` w
 ``num_workers=0``, fp32 and torch's default threads. lowlabel's path is ``fit()``'s machinery:
 volumes preprocessed once with their foreground indices cached, ``Batches`` of plain tensors,
 ``train_loader`` (with ``train.workers``), ``prepare_model`` and one update as the loop makes it
-(``train_step`` below), at the config defaults. Both train the same MONAI UNet with the same batch and patch size, loss (DiceCELoss),
-AdamW and learning-rate schedule, and are validated the same way (``validate``).
+(``train_step`` below), at the config defaults. Both train the same MONAI UNet with the same
+batch and patch size, loss (DiceCELoss), AdamW and learning-rate schedule, and are validated the
+same way (``validate``).
 
 Each path trains in its own long-lived process (so peak RSS is per path); the parent runs
 them in alternating chunks of steps, ABBA order, so machine drift hits all of them alike, and

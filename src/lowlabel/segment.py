@@ -23,7 +23,7 @@ from lowlabel.atomic import write_text
 from lowlabel.bundle import Bundle
 from lowlabel.bundle import load as load_bundle
 from lowlabel.data.io import TISSUES, quiet_nibabel, write_nifti
-from lowlabel.data.size import coarsest_factor
+from lowlabel.data.size import shortfall, world_extent
 from lowlabel.data.transforms import patch_shape
 from lowlabel.engine.runtime import set_threads
 from lowlabel.errors import LowlabelError, unwrap
@@ -132,12 +132,12 @@ def check_scan(path: Path, bundle: Bundle) -> None:
             f"{path}: voxels of {spacing} mm are too coarse for a model trained at "
             f"{model_spacing} mm (at most {MAX_COARSER:g}x coarser); use a finer scan"
         )
-    # the network's coarsest level needs 2**(levels-1) voxels, and a scan under half the training
-    # window would be mostly padding, which the model never saw in training
-    window = np.asarray(patch_shape(cfg.data), dtype=float)[world]
-    need = np.maximum(coarsest_factor(cfg.model.levels), np.ceil(window / 2))
-    if (grid < need)[seen].any():
-        need = int(need[seen].max())
+    # the minimum-size rule, with the sliding window: at least half of it must be scan
+    d = cfg.data
+    extent = world_extent(shape, affine)
+    short = shortfall(extent, d.spacing, d.spatial_dims, cfg.model.levels, patch_shape(d))
+    if short is not None:
+        need = short[0]
         raise LowlabelError(
             f"{path}: {dims} voxels of {spacing} mm is too small for the model (at least {need} "
             f"voxels of {model_spacing} mm along each axis); give the whole brain"

@@ -10,15 +10,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from monai.transforms import Compose
 from tqdm.auto import tqdm
 
 from lowlabel.config import RunConfig
 from lowlabel.data.datasets import Dataset, check_pair, load_dataset
 from lowlabel.data.demo import demo_dataset
-from lowlabel.data.io import spacing_of
-from lowlabel.data.size import too_small
+from lowlabel.data.size import too_small, world_extent
 from lowlabel.data.splits import dataset_key, labelled, load_or_make, save
 from lowlabel.data.transforms import index_foreground, preprocess
 from lowlabel.errors import LowlabelError, unwrap
@@ -91,8 +89,7 @@ def check_size(items: list[dict], cfg: RunConfig) -> None:
     """
     for item in items:
         meta = item["image"].meta
-        shape, affine = meta["spatial_shape"], meta["original_affine"]
-        extent = np.asarray(shape) * np.asarray(spacing_of(affine))
+        extent = world_extent(meta["spatial_shape"], meta["original_affine"])
         d = cfg.data
         problem = too_small(extent, d.spacing, d.spatial_dims, cfg.model.levels)
         if problem:

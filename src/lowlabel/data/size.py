@@ -1,12 +1,17 @@
 """The one minimum-size rule: how many voxels a network of ``levels`` resolution levels needs.
 
 Config validation (patch sizes), ``train`` and ``pretrain`` (cached scans), ``study`` (scan
-headers, before any run) and ``segment`` (a new scan) all ask these functions.
+headers, before any run) and ``segment`` (a new scan) all ask these functions. Sizes are taken
+along the world axes (R, A, S) that preprocessing reorients every scan to, so ``data.spacing``
+applies to the axis it names; a 2D model convolves within axial (R-A) slices and ignores S.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import nibabel as nib
+import numpy as np
 
 
 def coarsest_factor(levels: int) -> int:
@@ -14,28 +19,55 @@ def coarsest_factor(levels: int) -> int:
     return 2 ** (levels - 1)
 
 
-def fewest_voxels(extent_mm: Sequence[float], spacing: Sequence[float], spatial_dims: int) -> float:
-    """Voxels along the shortest axis a network sees once a scan of ``extent_mm`` (x, y, z) is
-    resampled to ``spacing``; a 2D model ignores the through-plane axis (the shortest)."""
-    voxels = sorted(float(e) / float(s) for e, s in zip(extent_mm, spacing, strict=True))
-    return voxels[1] if spatial_dims == 2 else voxels[0]
+def world_extent(shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
+    """Physical size (mm) of a scan along R, A and S, from its voxel grid and affine."""
+    affine = np.asarray(affine, dtype=float)
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    world = nib.orientations.io_orientation(affine)[:, 0].astype(int)
+    extent = np.zeros(3)
+    extent[world] = np.asarray(shape[:3], dtype=float) * zooms
+    return extent
+
+
+def shortfall(
+    extent: Sequence[float],
+    spacing: Sequence[float],
+    spatial_dims: int,
+    levels: int,
+    window: Sequence[int] | None = None,
+) -> tuple[int, int] | None:
+    """``(voxels needed, voxels the scan has)`` along the axes the network sees, or None when the
+    scan is big enough.
+
+    Args:
+        extent: the scan's size in mm along R, A, S (:func:`world_extent`).
+        spacing: ``data.spacing`` (R, A, S) the scan is resampled to.
+        window: with a sliding window (R, A, S voxels), a scan must also span half of it, or it
+            would be mostly padding, which the model never saw in training.
+    """
+    grid = np.asarray(extent, dtype=float) / np.asarray(spacing, dtype=float)
+    need = np.full(3, float(coarsest_factor(levels)))
+    if window is not None:
+        need = np.maximum(need, np.ceil(np.asarray(window, dtype=float) / 2))
+    seen = np.array([True, True, spatial_dims == 3])
+    if not (grid < need)[seen].any():
+        return None
+    return int(need[seen].max()), int(grid[seen].min())
 
 
 def too_small(
-    extent_mm: Sequence[float], spacing: Sequence[float], spatial_dims: int, levels: int
+    extent: Sequence[float], spacing: Sequence[float], spatial_dims: int, levels: int
 ) -> str | None:
-    """Why a scan of ``extent_mm`` cannot go through the network, or None when it can.
-
-    A scan smaller than the coarsest level is refused rather than padded.
-    """
-    need = coarsest_factor(levels)
-    fewest = fewest_voxels(extent_mm, spacing, spatial_dims)
-    if fewest >= need:
+    """Why a scan of ``extent`` (mm, R, A, S) cannot go through a ``levels``-level UNet at
+    ``spacing``, or None when it can: a scan smaller than the coarsest level is refused rather
+    than padded."""
+    short = shortfall(extent, spacing, spatial_dims, levels)
+    if short is None:
         return None
+    need, has = short
     return (
         f"a {levels}-level UNet needs at least {need} voxels per axis but this scan has about "
-        f"{int(fewest)} at data.spacing {list(spacing)}; use fewer model.levels or a finer "
-        "data.spacing"
+        f"{has} at data.spacing {list(spacing)}; use fewer model.levels or a finer data.spacing"
     )
 
 

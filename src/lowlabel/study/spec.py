@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from lowlabel.config import RunConfig, apply_overrides, run_dir, to_dict, validate
-from lowlabel.data.size import too_small
+from lowlabel.data.size import too_small, world_extent
 from lowlabel.errors import LowlabelError
 
 STUDIES = Path(__file__).resolve().parent.parent / "studies"
@@ -525,13 +525,11 @@ def check(cells: list[Cell]) -> None:
 
 
 def _extent(path: str) -> tuple[float, ...]:
-    """Physical size (mm) of a scan along its three axes, from the header alone."""
+    """Physical size (mm) of a scan along R, A and S, from the header alone."""
     import nibabel as nib
 
     img = nib.load(path)
-    shape = img.shape[:3]
-    zooms = img.header.get_zooms()[:3]
-    return tuple(float(s) * float(z) for s, z in zip(shape, zooms, strict=True))
+    return tuple(world_extent(img.shape, img.affine))
 
 
 def plan_json(study: Study, profile: str, cells: list[Cell]) -> str:
