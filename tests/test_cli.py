@@ -183,3 +183,102 @@ def test_ctrl_c_stops_a_study_with_exit_130_and_no_worker_traceback(tmp_path):
     assert done.stderr.strip().splitlines() == [
         "interrupted; rerun the same study command to continue"
     ]
+
+
+# --- smaller items ----------------------------------------------------------------------------
+
+
+def test_config_list_explains_every_key_that_set_accepts(monkeypatch, capsys):
+    import yaml
+
+    from lowlabel.config import RunConfig, load_config, to_dict
+
+    def leaves(data: dict, prefix: str = "") -> set[str]:
+        out = set()
+        for key, value in data.items():
+            if isinstance(value, dict) and key != "label_map":
+                out |= leaves(value, f"{prefix}{key}.")
+            else:
+                out.add(prefix + key)
+        return out
+
+    code, out, err = cli(["config", "--list"], monkeypatch, capsys)
+    assert code == 0, err
+    heads = [line for line in out.splitlines() if not line.startswith(" ")]
+    listed = [line.split(" (")[0] for line in heads]
+    assert set(listed) == leaves(to_dict(RunConfig())) and len(listed) == len(set(listed))
+    meanings = [line for line in out.splitlines() if line.startswith("    ")]
+    assert len(meanings) >= len(listed)  # every key has at least one line of meaning
+    assert "data.budget (int; default 3)" in heads
+    assert "model.name ('unet' or 'dynunet'; default \"unet\")" in heads
+    # what --list names, --set takes
+    assert load_config(None, {"train.min_delta": 0.01}).train.min_delta == 0.01
+    code, out, err = cli(["config", "--set", "train.steps=7"], monkeypatch, capsys)
+    assert code == 0 and yaml.safe_load(out)["train"]["steps"] == 7
+
+
+def test_a_missing_path_is_refused_before_torch_loads(tmp_path):
+    """The error comes in a fraction of a second: torch and MONAI are not even imported."""
+    script = (
+        "import sys\n"
+        "from lowlabel.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "except SystemExit as stop:\n"
+        "    print(stop.code, 'torch' in sys.modules, 'monai' in sys.modules)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    missing = tmp_path / "datset.json"
+    for argv in (
+        ["train", "--data", str(missing)],
+        ["pretrain", "--data", str(missing)],
+        ["study", "seed", "--data", str(missing)],
+        ["evaluate", str(tmp_path / "no-run")],
+        ["export", str(tmp_path / "no-run"), "-o", str(tmp_path / "m")],
+        ["segment", str(tmp_path / "no-model"), str(missing), "-o", str(tmp_path / "s")],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", script, *argv], capture_output=True, text=True, env=env
+        )
+        assert done.stdout.split() == ["2", "False", "False"], (argv, done.stdout, done.stderr)
+        named = next(a for a in argv if a.startswith(str(tmp_path)))
+        assert done.stderr.startswith(f"error: {named}: ")
+        assert done.stderr.count("\n") == 1 and "not found" in done.stderr
+    assert not (tmp_path / "m").exists() and not (tmp_path / "s").exists()
+
+
+def test_train_without_data_says_it_uses_the_demo_cohort(tmp_path, monkeypatch, capsys):
+    from lowlabel.engine import loop
+    from lowlabel.errors import LowlabelError
+
+    def stop(cfg, **kwargs):
+        raise LowlabelError("stopped before training")
+
+    monkeypatch.setattr(loop, "fit", stop)
+    code, out, err = cli(["train", "--out", tmp_path], monkeypatch, capsys)
+    assert code == 2
+    first, last = err.splitlines()
+    assert "synthetic demo cohort" in first and "no --data" in first
+    assert last == "error: stopped before training"
+    data = make_tiny_dataset(tmp_path / "data", n=4, shape=(16, 16, 16))
+    code, out, err = cli(["train", "--data", data, "--out", tmp_path], monkeypatch, capsys)
+    assert code == 2 and "demo" not in err
+
+
+def test_evaluate_prints_a_table_with_units_and_json_on_request(tiny_config, monkeypatch, capsys):
+    import json
+
+    from lowlabel.engine.loop import fit
+
+    run = fit(tiny_config, progress=False).run_dir
+    code, out, err = cli(["evaluate", run, "--quiet"], monkeypatch, capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "2 subject(s), mean ± SD"
+    assert lines[1].split() == ["tissue", "Dice", "HD95", "(mm)", "volume", "error", "(mL)"]
+    assert [line.split()[0] for line in lines[2:]] == ["CSF", "GM", "WM", "mean"]
+    code, out, err = cli(["evaluate", run, "--quiet", "--json"], monkeypatch, capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["n"] == 2 and 0 <= summary["mean_dice"] <= 1 and "dice_gm_sd" in summary
+    assert f"{summary['dice_gm']:.3f}" in lines[3]

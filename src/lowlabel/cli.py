@@ -268,6 +268,34 @@ def data_demo(
     typer.echo(f"wrote {subjects} synthetic subjects: {index}")
 
 
+@app.command(name="config")
+def config_cmd(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    list_keys: Annotated[
+        bool,
+        typer.Option("--list", help="List every key with its type, default and meaning."),
+    ] = False,
+) -> None:
+    """Print the resolved config (defaults, --config file, --set overrides) as YAML, or with
+    --list every key that --config and --set accept."""
+    import textwrap
+
+    from lowlabel.config import describe_keys, dump_yaml
+
+    if list_keys:
+        for row in describe_keys():
+            typer.echo(f"{row['key']} ({row['type']}; default {row['default']})")
+            if row["meaning"]:
+                typer.echo(
+                    textwrap.fill(
+                        row["meaning"], 96, initial_indent="    ", subsequent_indent="    "
+                    )
+                )
+        return
+    typer.echo(dump_yaml(_load(config, set_)), nl=False)
+
+
 # --- pretraining commands ---
 
 
