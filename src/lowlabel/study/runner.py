@@ -69,7 +69,7 @@ def _pin_threads(threads: int) -> None:
 # How the study stops a local worker's run: not SIGINT, which the workers ignore so that the
 # processes they spawn (data-loader workers, importing torch for seconds) inherit the ignoring and
 # a terminal's Ctrl-C, which reaches the whole process group, kills none of them mid-import
-STOP_SIGNAL = signal.SIGUSR1
+STOP_SIGNAL = getattr(signal, "SIGUSR1", signal.SIGTERM)  # Windows: no SIGUSR1, a plain stop
 
 
 def _start_worker(threads: int) -> None:
