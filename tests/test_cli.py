@@ -66,6 +66,10 @@ def test_help_is_exit_0_and_plain(monkeypatch, capsys):
     code, out, err = cli(["train", "--help"], monkeypatch, capsys)
     assert code == 0 and err == ""
     assert "--resume" in out and "<bool>" not in out
+    for args in ([], ["data"]):
+        code, out, err = cli([*args, "--help"], monkeypatch, capsys)
+        commands = out.split("Commands:\n", 1)[1]
+        assert code == 0 and "..." not in commands  # each command's line is whole
 
 
 def test_a_plain_process_gives_one_line_too():

@@ -87,7 +87,7 @@ def _load(config: Path | None, overrides: list[str] | None, extra: dict | None =
     return load_config(config, values)
 
 
-@app.command()
+@app.command(short_help="Train a UNet under a label budget, test it.")
 def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -154,7 +154,7 @@ def _print_result(result) -> None:
     typer.echo(line)
 
 
-@app.command()
+@app.command(short_help="Evaluate a run: Dice, HD95, volume error.")
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
     data: Annotated[
@@ -207,7 +207,7 @@ def evaluation_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-@data_app.command("check")
+@data_app.command("check", short_help="Validate and summarise a dataset.")
 def data_check(
     dataset: Annotated[
         Path, typer.Argument(help="dataset.json or folder with images/ and labels/.")
@@ -251,7 +251,7 @@ def data_check(
         )
 
 
-@data_app.command("demo")
+@data_app.command("demo", short_help="Write the synthetic demo cohort.")
 def data_demo(
     outdir: Annotated[Path, typer.Argument(help="Folder to write the demo cohort into.")],
     subjects: Annotated[int, typer.Option(help="Number of synthetic subjects.")] = 16,
@@ -268,7 +268,7 @@ def data_demo(
     typer.echo(f"wrote {subjects} synthetic subjects: {index}")
 
 
-@app.command(name="config")
+@app.command(name="config", short_help="Show the resolved config; --list: all keys.")
 def config_cmd(
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -299,7 +299,7 @@ def config_cmd(
 # --- pretraining commands ---
 
 
-@app.command()
+@app.command(short_help="Pretrain a UNet on scans, no labels needed.")
 def pretrain(
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -341,7 +341,7 @@ def pretrain(
 # --- study and report commands ---
 
 
-@app.command(name="study")
+@app.command(name="study", short_help="Run a grid of runs, write its report.")
 def study_cmd(
     study: Annotated[
         str,
@@ -360,7 +360,8 @@ def study_cmd(
         typer.Option(
             "--profile",
             "-p",
-            help="quick (demo, minutes), cpu (an hour on 2 cores) or paper (original scale, GPU).",
+            help="quick (demo, minutes), cpu (about 30 min on 2 idle cores) or paper "
+            "(original scale, GPU).",
         ),
     ] = "quick",
     out: Annotated[
@@ -429,7 +430,7 @@ def study_cmd(
     )
 
 
-@app.command()
+@app.command(short_help="Rebuild a study's report, no training.")
 def report(
     study_dir: Annotated[Path, typer.Argument(help="A study folder written by 'lowlabel study'.")],
     no_overlays: Annotated[
@@ -447,7 +448,7 @@ def report(
 # --- export and segment commands ---
 
 
-@app.command()
+@app.command(short_help="Turn a finished run into a model bundle.")
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="New folder for the model bundle.")],
@@ -467,7 +468,7 @@ def export(
     typer.echo(f"wrote model bundle {export_bundle(run_dir, out, allow_unfinished)}")
 
 
-@app.command()
+@app.command(short_help="Segment scans; volumes in volumes.csv.")
 def segment(
     model_dir: Annotated[Path, typer.Argument(help="A model bundle made by 'lowlabel export'.")],
     inputs: Annotated[list[Path], typer.Argument(help="NIfTI scans or folders of them.")],
