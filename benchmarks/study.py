@@ -167,6 +167,17 @@ def main() -> None:
         res["benchmark_command"] = "nice -n 10 python benchmarks/study.py " + " ".join(sys.argv[1:])
         res["machine"] = described
         res["fresh_cache"] = args.fresh_cache
+        if profile in results:  # keep what earlier runs measured, on other machines or loads
+            earlier = results[profile]
+            res["earlier_runs"] = [
+                *earlier.pop("earlier_runs", []),
+                {k: earlier[k] for k in sorted(earlier) if k != "previous_run_on_loaded_machine"},
+                *(
+                    [earlier["previous_run_on_loaded_machine"]]
+                    if "previous_run_on_loaded_machine" in earlier
+                    else []
+                ),
+            ]
         results[profile] = res
         print(json.dumps({profile: res}, indent=1))
         if profile == "cpu" and (out / "report.md").exists():  # tables only: scans are licensed
