@@ -144,16 +144,40 @@ def main() -> None:
         default=0.0,
         help="interrupt the study after this long and report what finished",
     )
+    parser.add_argument(
+        "--fresh-cache",
+        action="store_true",
+        help="start from an empty LOWLABEL_CACHE, as a new user does (the demo cohort is made "
+        "and preprocessed inside the timed run)",
+    )
     args = parser.parse_args()
+    if args.fresh_cache:
+        import tempfile
+
+        os.environ["LOWLABEL_CACHE"] = tempfile.mkdtemp(prefix="lowlabel-cache-")
     path = RESULTS / "study.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    results["machine"] = machine()
+    results.setdefault("machine", machine())
     profiles = ["quick", "cpu"] if args.profile == "both" else [args.profile]
     for profile in profiles:
         data = args.data if profile == "cpu" else None
         out = Path(args.out) / profile
+        described = machine()  # with the load average before the run
         res = run_profile(profile, data, out, args.jobs, args.timeout_minutes)
         res["benchmark_command"] = "nice -n 10 python benchmarks/study.py " + " ".join(sys.argv[1:])
+        res["machine"] = described
+        res["fresh_cache"] = args.fresh_cache
+        if profile in results:  # keep what earlier runs measured, on other machines or loads
+            earlier = results[profile]
+            res["earlier_runs"] = [
+                *earlier.pop("earlier_runs", []),
+                {k: earlier[k] for k in sorted(earlier) if k != "previous_run_on_loaded_machine"},
+                *(
+                    [earlier["previous_run_on_loaded_machine"]]
+                    if "previous_run_on_loaded_machine" in earlier
+                    else []
+                ),
+            ]
         results[profile] = res
         print(json.dumps({profile: res}, indent=1))
         if profile == "cpu" and (out / "report.md").exists():  # tables only: scans are licensed

@@ -8,7 +8,7 @@ from lowlabel.config import RunConfig, dump_yaml
 HEADER = """\
 # Every setting of a lowlabel run, at its default. Copy this file, keep the keys you change,
 # and pass it with `lowlabel train --config FILE`; any key can also be set with
-# `--set section.key=value`. The meaning of each key is in src/lowlabel/config.py.
+# `--set section.key=value`. `lowlabel config --list` explains every key.
 # data.dataset: null trains on the synthetic demo cohort.
 # Regenerate with: python scripts/write_default_config.py
 """

@@ -226,6 +226,8 @@ class World:
             ], named
         if command == "report":
             return ["report", str(self.good.parent)], str(self.good.parent)
+        if command == "config":
+            return ["config", *sets], named
         raise AssertionError(command)
 
 

@@ -41,6 +41,7 @@ def _cases() -> list[tuple[str, str]]:
     cases += [("export", k) for k in ("wrong_model", "damaged_checkpoint", "damaged_config")]
     cases += [("study", k) for k in ("missing", "bad_key", "bad_type", "impossible_budget")]
     cases += [("report", "wrong_model"), ("data demo", "impossible_budget")]
+    cases += [("config", k) for k in ("bad_key", "bad_type")]
     return [c for c in cases if c[0].split()[0] in COMMANDS]
 
 

@@ -63,8 +63,16 @@ def test_folder_with_images_and_labels_matched_by_name(tmp_path):
         assert s["image"].endswith(f"images/{s['id']}.nii.gz")
         assert s["label"].endswith(f"labels/{s['id']}.nii.gz")
     (tmp_path / "d" / "labels" / "sub01.nii.gz").unlink()
-    with pytest.raises(LowlabelError, match="sub01.nii.gz: no label"):
+    with pytest.raises(LowlabelError, match="sub01.nii.gz: no label") as refused:
         load_dataset(tmp_path / "d")
+    # the two fixes: a label, or the unlabelled/ folder (pretraining and mean teacher use it)
+    assert "add it" in str(refused.value)
+    assert str(tmp_path / "d" / "unlabelled") in str(refused.value)
+    unlabelled = tmp_path / "d" / "unlabelled"
+    unlabelled.mkdir()
+    (tmp_path / "d" / "images" / "sub01.nii.gz").rename(unlabelled / "sub01.nii.gz")
+    ds = load_dataset(tmp_path / "d")
+    assert ds.ids == ["sub00", "sub02"] and ds.unlabelled == [str(unlabelled / "sub01.nii.gz")]
 
 
 @pytest.mark.parametrize("content", ["{oops", '{"training": 3}', '{"training": [{"image": "a"}]}'])

@@ -566,3 +566,49 @@ def test_no_source_file_can_unpickle():
     )
     hits = [(p.name, b) for p in src.rglob("*.py") for b in banned if b in p.read_text()]
     assert hits == []
+
+
+MODES_SCRIPT = r"""
+import json, os, sys
+os.umask(0o022)  # before lowlabel reads it
+from lowlabel.bundle import export
+from lowlabel.config import load_config
+from lowlabel.engine.loop import fit
+from lowlabel.engine.pretrain import pretrain
+
+root = sys.argv[1]
+values = json.loads(sys.argv[2])
+run = fit(load_config(None, values), progress=False).run_dir
+pre = pretrain(
+    load_config(None, {**values, "pretrain.steps": 2, "pretrain.save_steps": [1]}), progress=False
+).run_dir
+export(run, os.path.join(root, "bundle"))
+print(json.dumps([str(run), str(pre)]))
+"""
+
+
+def test_results_get_the_umask_mode_not_0600(tmp_path):
+    """Under umask 022 every result file is 0644, including what safetensors writes (it makes
+    fresh files private), so a model shared with a lab group is readable by it."""
+    dataset = make_tiny_dataset(tmp_path / "data", n=5, shape=(24, 24, 24))
+    values = tiny_overrides(dataset, tmp_path / "runs", **{"data.n_test": 1, "data.n_val": 1})
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    done = subprocess.run(
+        [sys.executable, "-c", MODES_SCRIPT, str(tmp_path), json.dumps(values)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    run, pre = map(Path, json.loads(done.stdout.strip().splitlines()[-1]))
+    files = [p for folder in (run, pre, tmp_path / "bundle") for p in folder.rglob("*")]
+    files = [p for p in files if p.is_file()]
+    names = {p.name for p in files}
+    assert {"best.safetensors", "last.safetensors", "model.safetensors"} <= names
+    assert any(n.startswith("checkpoint-") and n.endswith(".safetensors") for n in names), names
+    wrong = {
+        str(p): oct(p.stat().st_mode & 0o777) for p in files if p.stat().st_mode & 0o777 != 0o644
+    }
+    assert wrong == {}
+    assert (tmp_path / "bundle").stat().st_mode & 0o777 == 0o755

@@ -357,6 +357,75 @@ def test_bundle_round_trip_predicts_like_the_run(trained, tmp_path):
     )
 
 
+def test_segment_into_a_used_folder_merges_volumes(bundle, tmp_path, monkeypatch, capsys):
+    """volumes.csv always lists every label map in the folder: a second call adds its rows, a
+    scan segmented again replaces its row."""
+    for name, seed in (("a", 1), ("b", 2)):
+        image, _ = phantom((28, 28, 20), seed=seed)
+        write(tmp_path / "in" / f"{name}.nii.gz", image, np.diag([1.0, 1.0, 1.0, 1.0]))
+    out = tmp_path / "out"
+
+    def table() -> dict[str, dict]:
+        with open(out / "volumes.csv") as fh:
+            return {Path(r["scan"]).name: r for r in csv.DictReader(fh)}
+
+    for name in ("a", "b"):
+        code, _, err = cli(
+            ["segment", bundle.path, tmp_path / "in" / f"{name}.nii.gz", "-o", out, "-q"],
+            monkeypatch,
+            capsys,
+        )
+        assert code == 0, err
+    assert set(table()) == {"a.nii.gz", "b.nii.gz"}
+    assert sorted(p.name for p in out.glob("*_seg.nii.gz")) == ["a_seg.nii.gz", "b_seg.nii.gz"]
+    first_b = table()["b.nii.gz"]
+
+    # a new b (larger voxels) segmented again: its row is replaced, a's is kept as it was
+    image, _ = phantom((28, 28, 20), seed=3)
+    write(tmp_path / "in2" / "b.nii.gz", image, np.diag([2.0, 2.0, 2.0, 1.0]))
+    before_a = table()["a.nii.gz"]
+    code, _, err = cli(
+        ["segment", bundle.path, tmp_path / "in2" / "b.nii.gz", "-o", out, "-q"],
+        monkeypatch,
+        capsys,
+    )
+    assert code == 0, err
+    with open(out / "volumes.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [Path(r["scan"]).name for r in rows] == ["a.nii.gz", "b.nii.gz"]  # one row per scan
+    assert rows[0] == before_a
+    assert rows[1]["scan"] == str(tmp_path / "in2" / "b.nii.gz") and rows[1] != first_b
+    assert float(rows[1]["voxel_ml"]) == pytest.approx(0.008)
+
+
+def test_segment_refuses_to_merge_into_a_foreign_volumes_csv(bundle, tmp_path, monkeypatch, capsys):
+    image, _ = phantom((28, 28, 20), seed=1)
+    scan = write(tmp_path / "in" / "a.nii.gz", image, np.diag([1.0, 1.0, 1.0, 1.0]))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "volumes.csv").write_text("subject,volume\nx,3\n")
+    code, _, err = cli(["segment", bundle.path, scan, "-o", out, "-q"], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and str(out / "volumes.csv") in err
+    assert (out / "volumes.csv").read_text() == "subject,volume\nx,3\n"
+    assert not (out / "a_seg.nii.gz").exists()  # refused before any work
+
+
+def test_export_of_an_unfinished_run_needs_allow_unfinished(trained, tmp_path, monkeypatch, capsys):
+    """A script 'lowlabel train ... && lowlabel export ...' must not ship a half-trained model."""
+    run = tmp_path / "run"
+    shutil.copytree(trained["run_dir"], run)
+    (run / "result.json").unlink()
+    code, out, err = cli(["export", run, "-o", tmp_path / "m"], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert str(run) in err and "unfinished" in err and "--allow-unfinished" in err
+    assert not (tmp_path / "m").exists()
+    code, out, err = cli(
+        ["export", run, "-o", tmp_path / "m", "--allow-unfinished"], monkeypatch, capsys
+    )
+    assert code == 0, err
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
 def test_export_refuses_a_non_empty_folder_and_a_non_run(trained, tmp_path, monkeypatch, capsys):
     taken = tmp_path / "taken"
     taken.mkdir()

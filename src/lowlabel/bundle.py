@@ -79,18 +79,21 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def export(run_dir: str | Path, model_dir: str | Path) -> Path:
+def export(run_dir: str | Path, model_dir: str | Path, allow_unfinished: bool = False) -> Path:
     """Write the bundle of a finished run into ``model_dir`` (made whole, then renamed in place).
 
     Args:
         run_dir: a run folder written by ``lowlabel train``.
         model_dir: a new (or empty) folder.
+        allow_unfinished: export the best weights so far of a run without ``result.json``
+            (interrupted, or still training).
 
     Returns:
         ``model_dir``.
 
     Raises:
-        LowlabelError: not a run folder, or ``model_dir`` exists and is not empty.
+        LowlabelError: not a run folder, an unfinished run (unless ``allow_unfinished``), or
+            ``model_dir`` exists and is not empty.
     """
     from lowlabel.engine.runs import load_run
     from lowlabel.provenance import provenance
@@ -103,10 +106,15 @@ def export(run_dir: str | Path, model_dir: str | Path) -> Path:
     split = _read_json(run_dir / run_folder.SPLITS) or {}
     result = _read_json(run_dir / run_folder.RESULT)
     trained = _read_json(run_dir / run_folder.PROVENANCE) or {}
-    if result is None:
-        log.warning(
-            "%s: run has no result.json (unfinished?); exporting its best weights so far", run_dir
+    if result is None and not allow_unfinished:
+        # a script 'train && export' must not ship a half-trained model after a Ctrl-C
+        raise LowlabelError(
+            f"{run_dir}: the run is unfinished (no result.json); finish it with 'lowlabel train "
+            "--resume' and the same settings, or pass --allow-unfinished to export its best "
+            "weights so far"
         )
+    if result is None:
+        log.warning("%s: unfinished run; exporting its best weights so far", run_dir)
     test = (result or {}).get("test") or None
     info = {
         "format": FORMAT,

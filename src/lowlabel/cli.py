@@ -5,32 +5,51 @@ Heavy modules (torch, MONAI) are imported inside the commands so ``lowlabel --he
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from lowlabel.errors import EXIT_USAGE, LowlabelError, find_user_error
+from lowlabel.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    Interrupted,
+    LowlabelError,
+    find_user_error,
+)
 
+PROG = "lowlabel"
+RESUME_HINT = "interrupted; rerun with --resume to continue"
+
+# plain help (click's layout): rich's boxes label every flag <bool> and break lines mid-cell
 app = typer.Typer(
     help="Brain-tissue segmentation (CSF, GM, WM) under label budgets: train, pretrain, "
     "transfer, run studies, segment new scans.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
-data_app = typer.Typer(help="Inspect datasets and write the demo cohort.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Inspect datasets and write the demo cohort.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(data_app, name="data")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option(
-        "--set", "-s", help="Override a config key, e.g. --set train.steps=500 (repeatable)."
+        "--set",
+        "-s",
+        metavar="KEY=VALUE",
+        help="Override a config key, e.g. --set train.steps=500 (repeatable; "
+        "'lowlabel config --list' shows the keys).",
     ),
 ]
 DataOpt = Annotated[
@@ -42,6 +61,24 @@ RunsOpt = Annotated[
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
+@contextlib.contextmanager
+def _interruptible(hint: str = RESUME_HINT) -> Iterator[None]:
+    """Turn Ctrl-C inside a long command into :class:`Interrupted` with ``hint``."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(hint) from None
+
+
+def _must_exist(path: str | Path | None, what: str) -> None:
+    """Refuse a missing input before torch loads (seconds): ``<path>: <what>``."""
+    if path is not None and not Path(path).exists():
+        raise LowlabelError(f"{path}: {what}")
+
+
+NO_DATASET = "dataset not found; give a dataset.json or a folder with images/ and labels/"
+
+
 def _load(config: Path | None, overrides: list[str] | None, extra: dict | None = None):
     from lowlabel.config import load_config, parse_set
 
@@ -50,7 +87,7 @@ def _load(config: Path | None, overrides: list[str] | None, extra: dict | None =
     return load_config(config, values)
 
 
-@app.command()
+@app.command(short_help="Train a UNet under a label budget, test it.")
 def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -69,7 +106,12 @@ def train(
     ] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train a segmentation UNet under a label budget and evaluate it on the test split."""
+    """Train a segmentation UNet under a label budget and evaluate it on the test split.
+
+    Without --data (and no data.dataset in the config) it trains on the synthetic demo cohort.
+    """
+    _must_exist(data, NO_DATASET)
+    _must_exist(init_from, "--init-from not found; give a pretraining run folder or checkpoint")
     extra: dict = {}
     if data is not None:
         extra["data.dataset"] = data
@@ -81,10 +123,21 @@ def train(
     if transfer is not None:
         extra["transfer.mode"] = transfer
     cfg = _load(config, set_, extra)
-    from lowlabel.engine.loop import fit
+    _say_if_demo(cfg)
+    with _interruptible():
+        from lowlabel.engine.loop import fit
 
-    result = fit(cfg, resume=resume, progress=not quiet)
+        result = fit(cfg, resume=resume, progress=not quiet)
     _print_result(result)
+
+
+def _say_if_demo(cfg) -> None:
+    if not cfg.data.dataset:
+        typer.echo(
+            f"no --data given: using the synthetic demo cohort ({cfg.data.demo_subjects} "
+            f"subjects at {cfg.data.demo_spacing:g} mm, made from the MNI152 template)",
+            err=True,
+        )
 
 
 def _print_result(result) -> None:
@@ -101,7 +154,7 @@ def _print_result(result) -> None:
     typer.echo(line)
 
 
-@app.command()
+@app.command(short_help="Evaluate a run: Dice, HD95, volume error.")
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
     data: Annotated[
@@ -111,24 +164,50 @@ def evaluate(
             help="Evaluate on all subjects of this dataset instead of the run's test split.",
         ),
     ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the summary as one JSON line (for scripts).")
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Evaluate a run's best weights at native resolution (Dice, HD95, volume error)."""
+    _must_exist(run_dir, "run folder not found; give a folder that 'lowlabel train' wrote")
+    _must_exist(data, NO_DATASET)
     from lowlabel.engine.runs import evaluate_run
 
     summary = evaluate_run(run_dir, data, progress=not quiet)
-    typer.echo(
-        json.dumps(
-            {
-                k: round(v, 4) if isinstance(v, float) else v
-                for k, v in summary.items()
-                if not k.endswith("_sd")
-            }
+    if as_json:
+        typer.echo(
+            json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()})
         )
-    )
+        return
+    typer.echo(evaluation_table(summary))
 
 
-@data_app.command("check")
+def evaluation_table(summary: dict) -> str:
+    """The summary of :func:`lowlabel.engine.runs.evaluate_run` as a small table with units."""
+
+    def cell(key: str, digits: int) -> str:
+        value, sd = summary.get(key), summary.get(f"{key}_sd")
+        if value is None:
+            return "-"
+        text = f"{value:.{digits}f}"
+        return text + (f" ± {sd:.{digits}f}" if sd is not None and n > 1 else "")
+
+    n = summary.get("n", 0)
+    lines = [
+        f"{n} subject(s), mean ± SD" if n > 1 else f"{n} subject(s)",
+        f"{'tissue':<8}{'Dice':>16}{'HD95 (mm)':>18}{'volume error (mL)':>20}",
+    ]
+    for tissue in ("csf", "gm", "wm"):
+        lines.append(
+            f"{tissue.upper():<8}{cell(f'dice_{tissue}', 3):>16}"
+            f"{cell(f'hd95_{tissue}', 2):>18}{cell(f'avd_{tissue}_ml', 2):>20}"
+        )
+    lines.append(f"{'mean':<8}{cell('mean_dice', 3):>16}{cell('hd95_mean', 2):>18}")
+    return "\n".join(lines)
+
+
+@data_app.command("check", short_help="Validate and summarise a dataset.")
 def data_check(
     dataset: Annotated[
         Path, typer.Argument(help="dataset.json or folder with images/ and labels/.")
@@ -172,7 +251,7 @@ def data_check(
         )
 
 
-@data_app.command("demo")
+@data_app.command("demo", short_help="Write the synthetic demo cohort.")
 def data_demo(
     outdir: Annotated[Path, typer.Argument(help="Folder to write the demo cohort into.")],
     subjects: Annotated[int, typer.Option(help="Number of synthetic subjects.")] = 16,
@@ -189,10 +268,38 @@ def data_demo(
     typer.echo(f"wrote {subjects} synthetic subjects: {index}")
 
 
+@app.command(name="config", short_help="Show the resolved config; --list: all keys.")
+def config_cmd(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    list_keys: Annotated[
+        bool,
+        typer.Option("--list", help="List every key with its type, default and meaning."),
+    ] = False,
+) -> None:
+    """Print the resolved config (defaults, --config file, --set overrides) as YAML, or with
+    --list every key that --config and --set accept."""
+    import textwrap
+
+    from lowlabel.config import describe_keys, dump_yaml
+
+    if list_keys:
+        for row in describe_keys():
+            typer.echo(f"{row['key']} ({row['type']}; default {row['default']})")
+            if row["meaning"]:
+                typer.echo(
+                    textwrap.fill(
+                        row["meaning"], 96, initial_indent="    ", subsequent_indent="    "
+                    )
+                )
+        return
+    typer.echo(dump_yaml(_load(config, set_)), nl=False)
+
+
 # --- pretraining commands ---
 
 
-@app.command()
+@app.command(short_help="Pretrain a UNet on scans, no labels needed.")
 def pretrain(
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -209,15 +316,18 @@ def pretrain(
     The method is pretrain.method (autoencoder or genesis); checkpoints for transfer are kept at
     pretrain.save_steps and the last step. Use one with: lowlabel train --init-from RUN_FOLDER.
     """
+    _must_exist(data, NO_DATASET)
     extra: dict = {}
     if data is not None:
         extra["data.dataset"] = data
     if out is not None:
         extra["out"] = str(out)
     cfg = _load(config, set_, extra)
-    from lowlabel.engine.pretrain import pretrain as run_pretrain
+    _say_if_demo(cfg)
+    with _interruptible():
+        from lowlabel.engine.pretrain import pretrain as run_pretrain
 
-    result = run_pretrain(cfg, resume=resume, progress=not quiet)
+        result = run_pretrain(cfg, resume=resume, progress=not quiet)
     typer.echo(
         f"run {result.run_dir}: {result.steps} steps, train loss {result.train_loss:.4f}, "
         f"val MSE {result.val_mse:.4f}, val MAE {result.val_mae:.4f}"
@@ -231,7 +341,7 @@ def pretrain(
 # --- study and report commands ---
 
 
-@app.command(name="study")
+@app.command(name="study", short_help="Run a grid of runs, write its report.")
 def study_cmd(
     study: Annotated[
         str,
@@ -250,7 +360,8 @@ def study_cmd(
         typer.Option(
             "--profile",
             "-p",
-            help="quick (demo, minutes), cpu (an hour on 2 cores) or paper (original scale, GPU).",
+            help="quick (demo, minutes), cpu (about 30 min on 2 idle cores) or paper "
+            "(original scale, GPU).",
         ),
     ] = "quick",
     out: Annotated[
@@ -293,21 +404,25 @@ def study_cmd(
                 f"profiles {', '.join(spec.profiles)}; {path}"
             )
         return
+    _must_exist(data, NO_DATASET)
     from lowlabel.config import parse_set
-    from lowlabel.study.runner import run_study
 
-    result = run_study(
-        study,
-        profile=profile,
-        data=data,
-        study_dir=out,
-        backend=backend,
-        address=address,
-        jobs=jobs,
-        mlflow_uri=mlflow,
-        overrides=parse_set(set_),
-        progress=not quiet,
-    )
+    overrides = parse_set(set_)
+    with _interruptible("interrupted; rerun the same study command to continue"):
+        from lowlabel.study.runner import run_study
+
+        result = run_study(
+            study,
+            profile=profile,
+            data=data,
+            study_dir=out,
+            backend=backend,
+            address=address,
+            jobs=jobs,
+            mlflow_uri=mlflow,
+            overrides=overrides,
+            progress=not quiet,
+        )
     typer.echo(
         f"study {result.study_dir}: {result.runs} runs ({result.ran} ran, "
         f"{result.skipped} already finished) in {result.seconds:.0f} s; "
@@ -315,7 +430,7 @@ def study_cmd(
     )
 
 
-@app.command()
+@app.command(short_help="Rebuild a study's report, no training.")
 def report(
     study_dir: Annotated[Path, typer.Argument(help="A study folder written by 'lowlabel study'.")],
     no_overlays: Annotated[
@@ -333,18 +448,27 @@ def report(
 # --- export and segment commands ---
 
 
-@app.command()
+@app.command(short_help="Turn a finished run into a model bundle.")
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="New folder for the model bundle.")],
+    allow_unfinished: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unfinished",
+            help="Export the best weights so far of a run that has not finished.",
+        ),
+    ] = False,
 ) -> None:
-    """Turn a run into a self-contained model bundle (safetensors weights, config, provenance)."""
+    """Turn a finished run into a self-contained model bundle (safetensors weights, config,
+    provenance)."""
+    _must_exist(run_dir, "run folder not found; give a folder that 'lowlabel train' wrote")
     from lowlabel.bundle import export as export_bundle
 
-    typer.echo(f"wrote model bundle {export_bundle(run_dir, out)}")
+    typer.echo(f"wrote model bundle {export_bundle(run_dir, out, allow_unfinished)}")
 
 
-@app.command()
+@app.command(short_help="Segment scans; volumes in volumes.csv.")
 def segment(
     model_dir: Annotated[Path, typer.Argument(help="A model bundle made by 'lowlabel export'.")],
     inputs: Annotated[list[Path], typer.Argument(help="NIfTI scans or folders of them.")],
@@ -354,7 +478,12 @@ def segment(
     ] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Segment scans into CSF, GM and WM on each scan's own grid; tissue volumes in volumes.csv."""
+    """Segment scans into CSF, GM and WM on each scan's own grid; tissue volumes in volumes.csv.
+
+    An existing volumes.csv in the output folder keeps its rows; a scan segmented again gets its
+    row replaced.
+    """
+    _must_exist(model_dir, "model folder not found; give the folder 'lowlabel export' wrote")
     import os
 
     # idle OpenMP threads sleep instead of spinning (read when torch loads): on a shared CPU,
@@ -385,17 +514,53 @@ _WRITE_ERRNOS = {
 }
 
 
-def main() -> None:
-    """Entry point: user errors become one line on stderr and exit status 2."""
+def _click_exception(name: str) -> tuple[type, ...]:
+    """The exception class ``name`` of whichever click the installed typer uses.
+
+    typer 0.29 carries its own copy (``typer._click``), older ones use the click package; both
+    are looked up among the modules already imported, so neither is imported for this.
+    """
+    found = []
+    for module in ("typer.exceptions", "typer._click.exceptions", "click.exceptions"):
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+def _usage_line(err: Exception, args: list[str]) -> str:
+    """One line for a command-line usage error, keeping click's suggestion ("Did you mean")."""
+    message = " ".join(err.format_message().split())
+    if "unexpected extra argument" in message:
+        # the one usage error with a likely cause: '--set key value' instead of '--set key=value'
+        for i, arg in enumerate(args[:-1]):
+            value = args[i + 1]
+            if arg in ("--set", "-s") and "=" not in value and not value.startswith("-"):
+                example = f"{value}={args[i + 2]}" if i + 2 < len(args) else f"{value}=VALUE"
+                message = f"--set {value}: write key=value without spaces, e.g. --set {example}"
+                break
+    ctx = getattr(err, "ctx", None)
+    if ctx is not None:
+        message += f" (see '{ctx.command_path} --help')"
+    return f"error: {message}"
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point: user errors become one line on stderr and exit status 2; Ctrl-C exits 130
+    with a line that says how to continue."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = sys.argv[1:] if args is None else list(args)
     try:
-        app(standalone_mode=False)
+        code = app(args=args, prog_name=PROG, standalone_mode=False)
+    except Interrupted as stop:
+        typer.echo(str(stop), err=True)
+        sys.exit(EXIT_INTERRUPTED)
     except LowlabelError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
-        typer.echo("interrupted; rerun with --resume to continue", err=True)
-        sys.exit(130)
+        typer.echo(RESUME_HINT, err=True)
+        sys.exit(EXIT_INTERRUPTED)
     except OSError as err:
         # an output that cannot be written (a file in the way, read-only, disk full), met
         # outside the atomic writers: still one line that names the path
@@ -405,21 +570,31 @@ def main() -> None:
 
         typer.echo(f"error: {_write_error(Path(err.filename), err)}", err=True)
         sys.exit(EXIT_USAGE)
-    except Exception as err:  # a user error wrapped by a library keeps its one line
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
+    except Exception as err:
+        if isinstance(err, _click_exception("NoArgsIsHelpError")):
+            # nothing to do: the help, as a usage error (click's convention)
+            typer.echo(err.format_message(), err=True)
+            sys.exit(EXIT_USAGE)
+        if isinstance(err, _click_exception("UsageError")):
+            typer.echo(_usage_line(err, args), err=True)
+            sys.exit(EXIT_USAGE)
+        if isinstance(err, _click_exception("ClickException")):
+            typer.echo(f"error: {' '.join(err.format_message().split())}", err=True)
             sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Exit):
+        if isinstance(err, _click_exception("Exit")):
             sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Abort):
+        if isinstance(err, _click_exception("Abort")):
+            typer.echo("aborted", err=True)
             sys.exit(1)
-        user = find_user_error(err)
+        user = find_user_error(err)  # a user error wrapped by a library keeps its one line
         if user is None:
             raise
         typer.echo(f"error: {user}", err=True)
         sys.exit(EXIT_USAGE)
+    if code == EXIT_INTERRUPTED:  # typer's answer to Ctrl-C outside _interruptible
+        typer.echo("interrupted", err=True)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ class DataConfig:
     """Where the scans come from and how they are preprocessed.
 
     Attributes:
-        dataset: a ``dataset.json``, a folder with ``images/`` and ``labels/``, or ``None`` for the
-            embedded synthetic demo cohort.
+        dataset: a ``dataset.json``, a folder with ``images/`` and ``labels/``, or null (None)
+            for the embedded synthetic demo cohort.
         label_map: remaps the dataset's label values onto 0 background, 1 CSF, 2 GM, 3 WM.
         spatial_dims: 3 trains on volume patches, 2 on axial slices of the same volumes.
         spacing: target voxel spacing in mm (x, y, z) after reorientation to RAS.
@@ -58,7 +58,23 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """On-the-fly random transforms for training patches (MONAI), applied after the cache."""
+    """On-the-fly random transforms for training patches (MONAI), applied after the cache.
+
+    Attributes:
+        enabled: apply the transforms below at all.
+        flip_prob: probability of a left-right flip.
+        affine_prob: probability of a random rotation (up to ``rotate_deg`` per axis) and
+            scaling (up to ``scale``, as a fraction).
+        rotate_deg, scale: the ranges of that affine transform.
+        elastic_prob: probability of an elastic deformation (slow; off by default).
+        intensity_prob: probability each of an intensity scaling (``intensity_scale``) and an
+            intensity shift (``intensity_shift``), on the z-scored image.
+        intensity_scale, intensity_shift: the ranges of those intensity changes.
+        gamma_prob: probability of a random gamma (contrast) change, gamma 0.7 to 1.5.
+        bias_field_prob: probability of a smooth random bias field.
+        noise_prob: probability of Gaussian noise with standard deviation ``noise_std``.
+        noise_std: that noise's standard deviation (the image is z-scored).
+    """
 
     enabled: bool = True
     flip_prob: float = 0.5
@@ -80,9 +96,12 @@ class ModelConfig:
     """The segmentation network (MONAI ``UNet`` unless ``name`` says otherwise).
 
     Attributes:
+        name: ``unet`` (MONAI ``UNet``) or ``dynunet`` (MONAI ``DynUNet``, nnU-Net's network).
         levels: resolution levels, 3 to 6; channels double at each.
         channels: channels at the first level.
         num_res_units: residual units per block (MONAI ``UNet``).
+        dropout: dropout probability in the network's blocks.
+        norm: ``instance`` or ``batch`` normalisation.
     """
 
     name: Literal["unet", "dynunet"] = "unet"
@@ -99,11 +118,15 @@ class TrainConfig:
 
     Attributes:
         steps: step budget (optimizer updates).
+        batch_size: labelled patches per step.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay (also for pretraining).
         schedule: ``poly`` decays the learning rate as ``(1 - step / steps) ** 0.9`` (nnU-Net's
             schedule); ``constant`` keeps it.
         val_every: validate every this many steps.
         patience: validations without improvement of more than ``min_delta`` before stopping;
             0 disables early stopping.
+        min_delta: improvement in validation Dice that counts for ``patience``.
         threads: torch threads; 0 for the cores that the loader workers leave free.
         bf16: bfloat16 autocast on the CPU (changes numerics; opt-in).
         workers: data-loader worker processes preparing batches while the network trains on
@@ -111,6 +134,10 @@ class TrainConfig:
         channels_last: channels-last memory layout for the network (same numerics up to
             rounding; measured no faster here, see benchmarks/results/train_speed.json).
         compile: ``torch.compile`` the network; pays a compile of tens of seconds up front.
+        sw_batch_size, sw_overlap: sliding-window inference (validation, test, segment):
+            windows per batch and their overlap (MONAI ``sliding_window_inference``).
+        checkpoint_every: also save the resumable state every this many steps (0: only at
+            validations).
         max_minutes: stop (after one last validation) once training has taken this long;
             0 for no limit. Wall-clock dependent, so not reproducible: for benchmarks.
     """
@@ -144,6 +171,8 @@ class TransferConfig:
         mode: ``scratch`` ignores ``init_from``; ``frozen`` keeps the encoder fixed;
             ``finetune`` trains everything (encoder at ``encoder_lr_scale`` times the rate);
             ``gradual`` starts frozen and unfreezes after ``unfreeze_after`` steps.
+        encoder_lr_scale: the encoder's learning rate relative to ``train.lr`` when fine-tuned.
+        unfreeze_after: steps before a ``gradual`` transfer unfreezes the encoder.
     """
 
     init_from: str | None = None
@@ -212,7 +241,13 @@ class SemiConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything that defines one training or pretraining run."""
+    """Everything that defines one training or pretraining run.
+
+    Attributes:
+        name: a label for the run (reports, MLflow); its folder name follows from the config.
+        seed: seeds the network's initialisation, the batches and the augmentation.
+        out: the folder that run folders are made in.
+    """
 
     name: str = "run"
     seed: int = 0
@@ -341,6 +376,70 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
             raise LowlabelError(f"config key '{key}': '{part}' is not a section")
         node = child
     node[parts[-1]] = value
+
+
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """The ``Attributes:`` section of a config class's docstring, one line per key."""
+    docs: dict[str, str] = {}
+    names: list[str] = []
+    inside = False
+    for line in (cls.__doc__ or "").splitlines():
+        text = line.strip()
+        if text == "Attributes:":
+            inside = True
+            continue
+        if not inside or not text:
+            continue
+        head, sep, rest = text.partition(": ")
+        if sep and all(n.strip().isidentifier() for n in head.split(",")):
+            names = [n.strip() for n in head.split(",")]  # "n_test, n_val: ..." names both
+            for name in names:
+                docs[name] = rest
+        else:
+            for name in names:
+                docs[name] += " " + text
+    return docs
+
+
+def _type_words(tp: Any) -> str:
+    """A type as a user writes its values: ``int``, ``list of float``, ``'unet' or 'dynunet'``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return " or ".join(json.dumps(a).replace('"', "'") for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_words(a) for a in args)
+    if origin in (tuple, list):
+        return f"list of {_type_words(args[0])}" if args else "list"
+    if origin is dict:
+        return "mapping " + " to ".join(_type_words(a) for a in args)
+    return _type_name(tp)
+
+
+def describe_keys() -> list[dict[str, str]]:
+    """Every config key with its type, default and meaning (from the docstrings above), in
+    the order of the YAML file; what ``lowlabel config --list`` prints."""
+    rows = []
+
+    def walk(cls: type, default: Any, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        docs = _attribute_docs(cls)
+        for f in dataclasses.fields(cls):
+            value = getattr(default, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(type(value), value, f"{prefix}{f.name}.")
+                continue
+            plain = to_dict(default)[f.name]
+            rows.append(
+                {
+                    "key": prefix + f.name,
+                    "type": _type_words(hints[f.name]),
+                    "default": json.dumps(plain),
+                    "meaning": " ".join(docs.get(f.name, "").replace("``", "'").split()),
+                }
+            )
+
+    walk(RunConfig, RunConfig(), "")
+    return rows
 
 
 def parse_set(items: list[str] | None) -> dict[str, Any]:

@@ -9,6 +9,7 @@ traceback.
 from __future__ import annotations
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 
 
 class LowlabelError(Exception):
@@ -16,6 +17,14 @@ class LowlabelError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).split()))
+
+
+class Interrupted(Exception):
+    """Ctrl-C stopped a long command; the message says how to continue (exit status 130).
+
+    An ``Exception``, not a ``KeyboardInterrupt``: typer turns the latter into a bare exit code,
+    which would lose the line that tells the user what to do next.
+    """
 
 
 def find_user_error(err: BaseException) -> LowlabelError | None:

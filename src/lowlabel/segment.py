@@ -233,6 +233,19 @@ def segment(
     out_dir = Path(out_dir)
     result = SegmentResult(out_dir=out_dir)
     files, result.errors = expand_inputs(inputs)
+    earlier: list[dict] = []
+    if result.volumes_csv.is_file():  # read first: refuse a table that cannot be merged now
+        try:
+            with open(result.volumes_csv, newline="") as fh:
+                for row in csv.DictReader(fh):
+                    if set(row) != set(VOLUME_COLUMNS) or not row["scan"]:
+                        raise ValueError(row)
+                    earlier.append({k: v if k == "scan" else float(v) for k, v in row.items()})
+        except (OSError, ValueError, TypeError, UnicodeDecodeError):
+            raise LowlabelError(
+                f"{result.volumes_csv}: not a volumes table that lowlabel wrote, so new rows "
+                "cannot be added; move it away or choose a new output folder"
+            ) from None
     pre = preprocess(bundle.cfg.data, keys=("image",))
     names: dict[str, Path] = {}
     for path in tqdm(files, desc="segment", unit="scan", disable=not progress, dynamic_ncols=True):
@@ -249,7 +262,12 @@ def segment(
         except LowlabelError as err:
             result.errors.append(str(err))
     if result.rows:
-        write_text(result.volumes_csv, volumes_csv(result.rows))
+        # keep the rows of earlier calls into this folder, whose label maps are still there, so
+        # that volumes.csv matches the folder; a scan segmented again (same output name) gets
+        # its new row in place of the old one
+        new = {stem(Path(r["scan"])): r for r in result.rows}
+        rows = [new.pop(stem(Path(r["scan"])), r) for r in earlier] + list(new.values())
+        write_text(result.volumes_csv, volumes_csv(rows))
     return result
 
 

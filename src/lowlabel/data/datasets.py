@@ -104,7 +104,10 @@ def _from_folder(path: Path) -> Dataset:
         stem = _stem(image)
         label = labels.get(stem)
         if label is None:
-            raise LowlabelError(f"{image}: no label with the same name in {labels_dir}; add it")
+            raise LowlabelError(
+                f"{image}: no label with the same name in {labels_dir}; add it, or move the "
+                f"image to {path / 'unlabelled'} to use it for pretraining only"
+            )
         subjects.append({"id": stem, "image": str(image.resolve()), "label": str(label.resolve())})
     unlabelled = []
     for name in ("unlabelled", "unlabeled"):

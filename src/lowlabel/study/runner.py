@@ -9,12 +9,15 @@ lands in ``<study_dir>/runs``, whichever backend ran it.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import signal
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +53,54 @@ def default_jobs(threads_per_job: int = 1) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # what a worker does
+
+
+# How the study stops a local worker's run: not SIGINT, which the workers ignore so that the
+# processes they spawn (data-loader workers, importing torch for seconds) inherit the ignoring and
+# a terminal's Ctrl-C, which reaches the whole process group, kills none of them mid-import
+STOP_SIGNAL = getattr(signal, "SIGUSR1", signal.SIGTERM)  # Windows: no SIGUSR1, a plain stop
+
+
+def _start_worker() -> None:
+    """Initialise a local worker process: deaf to Ctrl-C (see STOP_SIGNAL)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(STOP_SIGNAL, signal.SIG_IGN)
+
+
+def _stop_once(signum, frame) -> None:
+    """STOP_SIGNAL handler while a run executes: one KeyboardInterrupt, so that the run stops
+    at once and its cleanup (closing its data loader) still finishes."""
+    signal.signal(STOP_SIGNAL, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _signals_ignored(*signums: int) -> Iterator[None]:
+    """Ignore these signals for the duration (in the main thread; elsewhere they cannot be set).
+
+    A process spawned meanwhile starts ignoring them too: Python installs its KeyboardInterrupt
+    handler only over SIGINT's default action.
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {n: signal.signal(n, signal.SIG_IGN) for n in signums}
+    try:
+        yield
+    finally:
+        for n, handler in previous.items():
+            signal.signal(n, handler)
+
+
+def _local_run_cell(kind: str, config: dict, threads: int) -> dict:
+    """:func:`run_cell` in a local worker; STOP_SIGNAL interrupts the run (and only the run)."""
+    signal.signal(STOP_SIGNAL, _stop_once)
+    try:
+        return run_cell(kind, config, threads)
+    finally:
+        signal.signal(STOP_SIGNAL, signal.SIG_IGN)
 
 
 def run_cell(kind: str, config: dict, threads: int = 0) -> dict:
@@ -98,13 +149,54 @@ class LocalBackend:
         self.pool = cf.ProcessPoolExecutor(
             max_workers=jobs,
             mp_context=mp.get_context("spawn"),
+            initializer=_start_worker,
         )
 
     def submit(self, kind: str, config: dict) -> cf.Future:
-        return self.pool.submit(run_cell, kind, config, self.threads)
+        # workers are spawned on demand, inside submit: one spawned now starts deaf to Ctrl-C
+        # (and to STOP_SIGNAL until it runs a cell), even while it still imports torch
+        with _signals_ignored(signal.SIGINT, STOP_SIGNAL):
+            return self.pool.submit(_local_run_cell, kind, config, self.threads)
 
     def close(self, cancel: bool = False) -> None:
-        self.pool.shutdown(wait=not cancel, cancel_futures=cancel)
+        if not cancel:
+            self.pool.shutdown(wait=True)
+            return
+        # stop the runs in progress (each resumes from its last checkpoint), drop the waiting
+        # ones; the workers then exit and the pool closes cleanly
+        workers = list((self.pool._processes or {}).values())
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for proc in workers:
+            with contextlib.suppress(OSError):
+                os.kill(proc.pid, STOP_SIGNAL)
+        for proc in workers:
+            proc.join(timeout=60)
+            if proc.is_alive():  # stuck: stop it the hard way
+                proc.terminate()
+
+
+def _send_ray_token() -> None:
+    """Authenticate to a cluster at an explicit address when a Ray token is at hand.
+
+    Ray 2.5x turns token authentication on for 'ray start --head' when ``~/.ray/auth_token``
+    exists, but its client sends the token to an explicit address only with
+    ``RAY_AUTH_MODE=token``: without it, 20 s of InvalidAuthToken, then a connection error.
+    Ray does the same for the address it finds by itself (``auto``); a cluster without
+    authentication accepts a client that sends a token. An explicit ``RAY_AUTH_MODE`` wins.
+    """
+    try:
+        from ray._private.authentication import authentication_token_setup as setup
+    except ImportError:  # a Ray without token authentication
+        return
+    quiet = logging.getLogger(setup.__name__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its warning speaks to one starting a cluster, not a client
+    try:
+        setup.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    except Exception as err:  # a private Ray function: never worse than not calling it
+        log.debug("Ray token detection failed: %s", err)
+    finally:
+        quiet.setLevel(level)
 
 
 class RayBackend:
@@ -117,12 +209,15 @@ class RayBackend:
             raise LowlabelError("--backend ray needs Ray: pip install 'lowlabel[ray]'") from None
         self.ray = ray
         if not ray.is_initialized():
+            if address:
+                _send_ray_token()
             try:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False)
             except ConnectionError as err:
                 raise LowlabelError(
-                    f"--address {address}: cannot reach a Ray cluster ({err}); "
-                    "start one with 'ray start --head' or drop --address"
+                    f"--address {address}: cannot reach a Ray cluster ({err}); start one with "
+                    "'ray start --head' or drop --address (a cluster with token authentication "
+                    "also needs its token here: ~/.ray/auth_token or RAY_AUTH_TOKEN)"
                 ) from None
         # size the runs by the cluster, not by this machine: a task asking for more CPUs than
         # the cluster has would wait forever
@@ -325,7 +420,9 @@ def run_study(
                     except Exception as err:  # tracking is a side channel; the run is done
                         log.warning("MLflow logging failed for %s: %s", cell.key, err)
     except KeyboardInterrupt:
-        exe.close(cancel=True)
+        # a second Ctrl-C must not cut short the closing of the workers
+        with _signals_ignored(signal.SIGINT):
+            exe.close(cancel=True)
         raise
     else:
         exe.close()
