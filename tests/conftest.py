@@ -81,6 +81,8 @@ def tiny_overrides(dataset: Path, out: Path, **extra) -> dict:
         "train.val_every": 2,
         "train.batch_size": 2,
         "train.threads": 1,
+        # the same numbers on a machine with a GPU: tests that want one ask for it (cuda marker)
+        "train.device": "cpu",
     }
     values.update(extra)
     return values
