@@ -40,6 +40,13 @@ RunsOpt = Annotated[
     Path | None, typer.Option("--out", "-o", help="Folder for runs (default: runs/).")
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device",
+        help="auto (a CUDA device when there is one, else the CPU), cpu, cuda or cuda:N.",
+    ),
+]
 
 
 def _load(config: Path | None, overrides: list[str] | None, extra: dict | None = None):
@@ -67,10 +74,13 @@ def train(
         bool,
         typer.Option("--resume", help="Continue an interrupted run (or reuse a finished one)."),
     ] = False,
+    device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Train a segmentation UNet under a label budget and evaluate it on the test split."""
     extra: dict = {}
+    if device is not None:
+        extra["train.device"] = device
     if data is not None:
         extra["data.dataset"] = data
     if out is not None:
@@ -111,12 +121,13 @@ def evaluate(
             help="Evaluate on all subjects of this dataset instead of the run's test split.",
         ),
     ] = None,
+    device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Evaluate a run's best weights at native resolution (Dice, HD95, volume error)."""
     from lowlabel.engine.runs import evaluate_run
 
-    summary = evaluate_run(run_dir, data, progress=not quiet)
+    summary = evaluate_run(run_dir, data, progress=not quiet, device=device or "auto")
     typer.echo(
         json.dumps(
             {
@@ -202,6 +213,7 @@ def pretrain(
         bool,
         typer.Option("--resume", help="Continue an interrupted run (or reuse a finished one)."),
     ] = False,
+    device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Pretrain a UNet on the training pool's images (labels ignored) and the unlabelled scans.
@@ -210,6 +222,8 @@ def pretrain(
     pretrain.save_steps and the last step. Use one with: lowlabel train --init-from RUN_FOLDER.
     """
     extra: dict = {}
+    if device is not None:
+        extra["train.device"] = device
     if data is not None:
         extra["data.dataset"] = data
     if out is not None:
@@ -275,6 +289,18 @@ def study_cmd(
             "--mlflow", help="Log every run to this MLflow URI, e.g. sqlite:///mlflow.db."
         ),
     ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            "--device",
+            help="auto (the visible GPUs when there are any, else CPU processes), cpu, cuda "
+            "(refuse to start without a GPU) or cuda:N (that GPU only).",
+        ),
+    ] = None,
+    runs_per_gpu: Annotated[
+        int,
+        typer.Option("--runs-per-gpu", help="Runs sharing one GPU at a time (when memory allows)."),
+    ] = 1,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -306,6 +332,8 @@ def study_cmd(
         jobs=jobs,
         mlflow_uri=mlflow,
         overrides=parse_set(set_),
+        device=device,
+        runs_per_gpu=runs_per_gpu,
         progress=not quiet,
     )
     typer.echo(
@@ -352,6 +380,7 @@ def segment(
     probabilities: Annotated[
         bool, typer.Option("--probabilities", help="Also write one probability map per tissue.")
     ] = False,
+    device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Segment scans into CSF, GM and WM on each scan's own grid; tissue volumes in volumes.csv."""
@@ -362,7 +391,14 @@ def segment(
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from lowlabel.segment import segment as segment_scans
 
-    result = segment_scans(model_dir, inputs, out, probabilities=probabilities, progress=not quiet)
+    result = segment_scans(
+        model_dir,
+        inputs,
+        out,
+        probabilities=probabilities,
+        progress=not quiet,
+        device=device or "auto",
+    )
     if result.rows:
         typer.echo(
             f"segmented {len(result.rows)} scan(s) into {out}; volumes in {result.volumes_csv}"
