@@ -176,7 +176,12 @@ def step_loader(
 
 
 def train_loader(
-    cfg: RunConfig, items: list[dict], start: int, pool: list[dict] | None = None
+    cfg: RunConfig,
+    items: list[dict],
+    start: int,
+    pool: list[dict] | None = None,
+    pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader:
     """Batches ``start, start + 1, ...`` up to ``cfg.train.steps`` of :func:`train_batches`."""
-    return step_loader(train_batches(cfg, items, pool), start, cfg.train.steps, cfg)
+    batches = train_batches(cfg, items, pool)
+    return step_loader(batches, start, cfg.train.steps, cfg, pin_memory)
