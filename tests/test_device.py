@@ -18,6 +18,7 @@ from lowlabel import device as device_mod
 from lowlabel.config import config_hash, load_config, run_dir
 from lowlabel.device import Placement, resolve_device, resolve_precision
 from lowlabel.engine.loop import fit
+from lowlabel.engine.runtime import Runtime
 from lowlabel.errors import LowlabelError
 from lowlabel.study import runner
 from lowlabel.study.runner import (
@@ -218,6 +219,28 @@ def test_fp16_scaler_state_is_checkpointed_and_resumed(dataset, tmp_path, monkey
     fit(cfg, resume=True, progress=False)
     assert seen == saved
     assert_same_run(Path(whole.run_dir), run_dir(cfg))
+
+
+def test_the_model_is_placed_before_a_resumed_state_is_loaded(dataset, tmp_path, monkeypatch):
+    """torch loads optimizer state onto its parameters' device at load time: the model must be
+    on the run's device first, or a run resumed on a GPU would step CPU state with GPU weights."""
+    cfg = _cfg(dataset, tmp_path, **{"train.device": "cpu"})
+    crash_at_second_validation(cfg, monkeypatch)
+    order = []
+    real_place, real_restore = Runtime.place, checkpoint.restore_state
+
+    def place(self, model):
+        order.append("place")
+        return real_place(self, model)
+
+    def restore(*args, **kwargs):
+        order.append("restore")
+        return real_restore(*args, **kwargs)
+
+    monkeypatch.setattr(Runtime, "place", place)
+    monkeypatch.setattr(checkpoint, "restore_state", restore)
+    done = fit(cfg, resume=True, progress=False)
+    assert order[:2] == ["place", "restore"] and done.steps == STEPS["train.steps"]
 
 
 def test_bf16_autocast_on_the_cpu_changes_the_forward_dtype():
