@@ -60,9 +60,11 @@ SETTINGS = {
 
 def train_step(net, optimizer, loss_fn, image, label, bf16: bool) -> float:
     """One optimizer update on ``(B, 1, ...)`` patches, as the training loop makes it."""
-    from lowlabel.engine.runtime import autocast
+    import torch
 
-    with autocast(bf16):
+    from lowlabel.device import Placement
+
+    with Placement(torch.device("cpu"), "bf16" if bf16 else "fp32").autocast():
         logits = net(image)
     loss = loss_fn(logits.float(), label)
     optimizer.zero_grad(set_to_none=True)
@@ -271,7 +273,7 @@ class Worker:
 def side_by_side(cfg, steps: int, chunk: int, target: float) -> dict:
     workers = {}
     for kind in PATHS:  # started one after another, so their caching does not overlap
-        run_cfg = cfg.replace(**{"train.bf16": True}) if kind == "lowlabel_bf16" else cfg
+        run_cfg = cfg.replace(**{"train.precision": "bf16"}) if kind == "lowlabel_bf16" else cfg
         workers[kind] = Worker(kind, run_cfg)
     log = {k: [] for k in PATHS}
     trained = dict.fromkeys(PATHS, 0.0)
@@ -383,7 +385,7 @@ def compute(cfg_json: str) -> None:
         ("fp32_2_threads", 2, {}),
         ("fp32_1_thread", 1, {}),
         ("channels_last_1_thread", 1, {"train.channels_last": True}),
-        ("bf16_1_thread", 1, {"train.bf16": True}),
+        ("bf16_1_thread", 1, {"train.precision": "bf16"}),
         ("compile_1_thread", 1, {"train.compile": True}),
     ]
     for name, threads, extra in variants:
@@ -396,12 +398,12 @@ def compute(cfg_json: str) -> None:
             else image
         )
         t = time.perf_counter()
-        train_step(net, opt, loss_fn, x, label.float(), c.train.bf16)
+        train_step(net, opt, loss_fn, x, label.float(), c.train.precision == "bf16")
         first = time.perf_counter() - t
         times = []
         for _ in range(8):
             t = time.perf_counter()
-            train_step(net, opt, loss_fn, x, label.float(), c.train.bf16)
+            train_step(net, opt, loss_fn, x, label.float(), c.train.precision == "bf16")
             times.append(time.perf_counter() - t)
         median = sorted(times)[len(times) // 2]
         levers[name] = {

@@ -81,9 +81,23 @@ def tiny_overrides(dataset: Path, out: Path, **extra) -> dict:
         "train.val_every": 2,
         "train.batch_size": 2,
         "train.threads": 1,
+        # the same numbers on a machine with a GPU: tests that want one ask for it (cuda marker)
+        "train.device": "cpu",
     }
     values.update(extra)
     return values
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` run only where torch sees a CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

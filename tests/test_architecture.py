@@ -129,3 +129,11 @@ def test_the_study_report_only_reads_files():
     assert len(report) >= 4
     computing = ("lowlabel.engine", "lowlabel.models", "lowlabel.data", "lowlabel.study.runner")
     assert [(m, t) for m, ts in report.items() for t in ts if t.startswith(computing)] == []
+
+
+def test_the_loop_and_the_objectives_never_name_a_device():
+    # the device enters through engine/runtime.py: the loop and what a step computes only ask it
+    words = ("cuda", ".to(", "torch.autocast", "GradScaler", "lowlabel.device", "Placement")
+    for name in ("loop.py", "objectives.py"):
+        text = (SRC / "engine" / name).read_text()
+        assert [w for w in words if w in text] == [], name

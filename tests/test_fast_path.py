@@ -86,7 +86,8 @@ def plain(dataset, tmp_path_factory) -> list[float]:
 
 def test_fast_path_gives_the_plain_paths_losses(dataset, tmp_path, plain):
     cfg = _cfg(dataset, tmp_path)
-    assert not cfg.train.bf16 and cfg.train.workers == RunConfig().train.workers  # defaults, fp32
+    assert cfg.train.precision == "auto" and cfg.train.workers == RunConfig().train.workers
+    assert cfg.train.device == "cpu"  # fp32: what precision auto is on the CPU
     assert fast_losses(cfg) == plain  # to the last digit
 
 
@@ -104,7 +105,8 @@ def test_run_records_its_speed_settings(dataset, tmp_path):
     result = fit(cfg, progress=False, evaluate_test=False)
     speed = json.loads((Path(result.run_dir) / "provenance.json").read_text())["speed"]
     assert speed["workers"] == 1 and speed["threads"] == 1
-    assert speed["bf16"] is False and speed["compile"] is False and speed["track_meta"] is False
+    assert speed["precision"] == "fp32" and speed["device"] == "cpu"
+    assert speed["compile"] is False and speed["track_meta"] is False
     assert speed["steps_per_s"] > 0 and 0 <= speed["data_share"] <= 1
     assert "workers: 1" in (Path(result.run_dir) / "config.yaml").read_text()
 

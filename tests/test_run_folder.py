@@ -104,11 +104,16 @@ def test_default_execution_settings_keep_the_folder_names_of_older_runs(tiny_con
 
     from lowlabel.config import to_dict
 
-    cfg = tiny_config.replace(**{"train.threads": 0})  # all execution keys at their defaults
-    data = to_dict(cfg)
-    del data["name"], data["out"], data["semi"]
-    old = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
-    assert config_hash(cfg) == old
+    for precision in ("auto", "bf16"):
+        # all execution keys at their defaults (the device and determinism are newer than these
+        # runs: not in their configs at all), the precision as the bf16 key it replaced
+        cfg = tiny_config.replace(**{"train.threads": 0, "train.precision": precision})
+        data = to_dict(cfg)
+        del data["name"], data["out"], data["semi"]
+        del data["train"]["device"], data["train"]["deterministic"]
+        data["train"]["bf16"] = data["train"].pop("precision") == "bf16"
+        old = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+        assert config_hash(cfg) == old
 
 
 def test_a_pretraining_run_is_hashed_on_what_it_reads(tiny_config):

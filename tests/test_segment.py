@@ -499,3 +499,43 @@ def test_two_scans_with_one_name_do_not_overwrite_each_other(bundle, tmp_path):
     result = segment(bundle, [first, second], tmp_path / "out", progress=False)
     assert [r["scan"] for r in result.rows] == [str(first)]
     assert len(result.errors) == 1 and result.errors[0].startswith(f"{second}: same name as")
+
+
+def test_overlapped_reading_and_writing_give_the_same_outputs(bundle, tmp_path, monkeypatch):
+    """Reading the next scan and writing the last one in threads (what a GPU does) changes
+    nothing: same files, same volumes, errors in input order; at most one scan read ahead."""
+    import threading
+
+    from lowlabel import segment as seg_mod
+
+    scans = []
+    for i, shape in enumerate([(28, 28, 28), (30, 28, 26), (28, 30, 28)]):
+        image, _ = phantom(shape, seed=60 + i)
+        scans.append(write(tmp_path / "in" / f"s{i}.nii.gz", image, np.eye(4)))
+    bad = tmp_path / "in" / "s1b.nii.gz"
+    bad.write_bytes(b"not a nifti file")
+    inputs = [scans[0], scans[1], bad, scans[2]]
+    plain = seg_mod.segment(bundle, inputs, tmp_path / "a", progress=False, overlap=False)
+
+    threads, reads = set(), []
+    real_read = seg_mod.read_scan
+
+    def read(b, pre, path):
+        threads.add(threading.current_thread().name)
+        reads.append(path)
+        return real_read(b, pre, path)
+
+    monkeypatch.setattr(seg_mod, "read_scan", read)
+    over = seg_mod.segment(bundle, inputs, tmp_path / "b", progress=False, overlap=True)
+    assert over.rows and [r["scan"] for r in over.rows] == [r["scan"] for r in plain.rows]
+    assert over.rows == plain.rows
+    assert over.errors == plain.errors and len(over.errors) == 1 and str(bad) in over.errors[0]
+    assert reads == inputs and all(t.startswith("segment-read") for t in threads)
+    for scan in scans:
+        name = scan.name[: -len(".nii.gz")]
+        a = np.asarray(nib.load(str(tmp_path / "a" / f"{name}_seg.nii.gz")).dataobj)
+        b = np.asarray(nib.load(str(tmp_path / "b" / f"{name}_seg.nii.gz")).dataobj)
+        assert np.array_equal(a, b)
+    assert (tmp_path / "a" / "volumes.csv").read_text().replace(str(tmp_path / "a"), "") == (
+        tmp_path / "b" / "volumes.csv"
+    ).read_text().replace(str(tmp_path / "b"), "")

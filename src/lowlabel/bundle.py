@@ -65,7 +65,7 @@ def preprocessing_parameters(cfg: RunConfig) -> dict:
             "overlap": cfg.train.sw_overlap,
             "batch_size": cfg.train.sw_batch_size,
             "mode": "gaussian",
-            "bf16": cfg.train.bf16,
+            "precision": cfg.train.precision,
         },
         "label_map": {str(k): v for k, v in d.label_map.items()} if d.label_map else None,
     }

@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lowlabel.atomic import atomic_path
+from lowlabel.device import restore_rng, rng_tensors
 from lowlabel.errors import LowlabelError
 
 META_KEY = "lowlabel"
@@ -113,7 +114,7 @@ def save_state(
     for name, module in (modules or {}).items():
         tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
     tensors.update(opt_tensors)
-    tensors["rng.torch"] = torch.get_rng_state()
+    tensors.update(rng_tensors())
     save(path, tensors, {**meta, "optimizer": groups})
 
 
@@ -124,11 +125,14 @@ def restore_state(
     modules: dict[str, torch.nn.Module] | None = None,
 ) -> dict[str, Any]:
     """Load what :func:`save_state` wrote into ``model``, ``optimizer`` and ``modules``; returns
-    its metadata."""
+    its metadata.
+
+    Tensors are read onto the CPU and copied to wherever ``model`` and ``optimizer`` now live, so
+    a run saved on one device resumes on another."""
     tensors, meta = load(path)
     model.load_state_dict(split(tensors, "model"))
     for name, module in (modules or {}).items():
         module.load_state_dict(split(tensors, name))
     load_optimizer(optimizer, tensors, meta["optimizer"])
-    torch.set_rng_state(tensors["rng.torch"])
+    restore_rng(tensors)
     return meta

@@ -59,6 +59,13 @@ RunsOpt = Annotated[
     Path | None, typer.Option("--out", "-o", help="Folder for runs (default: runs/).")
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device",
+        help="auto (a CUDA device when there is one, else the CPU), cpu, cuda or cuda:N.",
+    ),
+]
 
 
 @contextlib.contextmanager
@@ -104,6 +111,7 @@ def train(
         bool,
         typer.Option("--resume", help="Continue an interrupted run (or reuse a finished one)."),
     ] = False,
+    device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Train a segmentation UNet under a label budget and evaluate it on the test split.
@@ -113,6 +121,8 @@ def train(
     _must_exist(data, NO_DATASET)
     _must_exist(init_from, "--init-from not found; give a pretraining run folder or checkpoint")
     extra: dict = {}
+    if device is not None:
+        extra["train.device"] = device
     if data is not None:
         extra["data.dataset"] = data
     if out is not None:
@@ -167,6 +177,7 @@ def evaluate(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the summary as one JSON line (for scripts).")
     ] = False,
+    device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Evaluate a run's best weights at native resolution (Dice, HD95, volume error)."""
@@ -174,7 +185,7 @@ def evaluate(
     _must_exist(data, NO_DATASET)
     from lowlabel.engine.runs import evaluate_run
 
-    summary = evaluate_run(run_dir, data, progress=not quiet)
+    summary = evaluate_run(run_dir, data, progress=not quiet, device=device or "auto")
     if as_json:
         typer.echo(
             json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()})
@@ -309,6 +320,7 @@ def pretrain(
         bool,
         typer.Option("--resume", help="Continue an interrupted run (or reuse a finished one)."),
     ] = False,
+    device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Pretrain a UNet on the training pool's images (labels ignored) and the unlabelled scans.
@@ -318,6 +330,8 @@ def pretrain(
     """
     _must_exist(data, NO_DATASET)
     extra: dict = {}
+    if device is not None:
+        extra["train.device"] = device
     if data is not None:
         extra["data.dataset"] = data
     if out is not None:
@@ -386,6 +400,18 @@ def study_cmd(
             "--mlflow", help="Log every run to this MLflow URI, e.g. sqlite:///mlflow.db."
         ),
     ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            "--device",
+            help="auto (the visible GPUs when there are any, else CPU processes), cpu, cuda "
+            "(refuse to start without a GPU) or cuda:N (that GPU only).",
+        ),
+    ] = None,
+    runs_per_gpu: Annotated[
+        int,
+        typer.Option("--runs-per-gpu", help="Runs sharing one GPU at a time (when memory allows)."),
+    ] = 1,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -421,6 +447,8 @@ def study_cmd(
             jobs=jobs,
             mlflow_uri=mlflow,
             overrides=overrides,
+            device=device,
+            runs_per_gpu=runs_per_gpu,
             progress=not quiet,
         )
     typer.echo(
@@ -476,6 +504,7 @@ def segment(
     probabilities: Annotated[
         bool, typer.Option("--probabilities", help="Also write one probability map per tissue.")
     ] = False,
+    device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Segment scans into CSF, GM and WM on each scan's own grid; tissue volumes in volumes.csv.
@@ -491,7 +520,14 @@ def segment(
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from lowlabel.segment import segment as segment_scans
 
-    result = segment_scans(model_dir, inputs, out, probabilities=probabilities, progress=not quiet)
+    result = segment_scans(
+        model_dir,
+        inputs,
+        out,
+        probabilities=probabilities,
+        progress=not quiet,
+        device=device or "auto",
+    )
     if result.rows:
         typer.echo(
             f"segmented {len(result.rows)} scan(s) into {out}; volumes in {result.volumes_csv}"

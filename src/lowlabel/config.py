@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +22,8 @@ import yaml
 
 from lowlabel.data.size import patch_problem
 from lowlabel.errors import LowlabelError
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,14 @@ class TrainConfig:
             0 disables early stopping.
         min_delta: improvement in validation Dice that counts for ``patience``.
         threads: torch threads; 0 for the cores that the loader workers leave free.
-        bf16: bfloat16 autocast on the CPU (changes numerics; opt-in).
+        device: ``auto`` (the first CUDA device when there is one, else the CPU), ``cpu``,
+            ``cuda`` or ``cuda:N``. How a run computes, not what: it never changes the run's
+            folder, and a run resumed on another device continues.
+        precision: ``auto`` (bfloat16 autocast on a CUDA device that supports it, float32 on the
+            CPU), ``fp32``, ``bf16`` (autocast; on the CPU too) or ``fp16`` (autocast with a
+            gradient scaler whose state is checkpointed). Replaces the former ``bf16`` key.
+        deterministic: PyTorch's deterministic algorithms on CUDA (slower; the CPU is
+            bit-reproducible either way). How a run computes: not part of its folder.
         workers: data-loader worker processes preparing batches while the network trains on
             the previous one (same batches whatever the number).
         channels_last: channels-last memory layout for the network (same numerics up to
@@ -151,7 +162,9 @@ class TrainConfig:
     patience: int = 5
     min_delta: float = 0.0
     threads: int = 0
-    bf16: bool = False
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    deterministic: bool = False
     workers: int = 1
     channels_last: bool = False
     compile: bool = False
@@ -353,6 +366,44 @@ def to_dict(cfg: Any) -> dict:
     }
 
 
+def _renamed(data: dict) -> dict:
+    """Read keys renamed since earlier versions (old run folders and config files still load).
+
+    ``train.bf16: true`` becomes ``train.precision: bf16``; ``false`` (the old default, float32
+    on the CPU) becomes ``precision: auto``, which is still float32 on the CPU.
+    """
+    train = data.get("train")
+    if not isinstance(train, dict) or "bf16" not in train:
+        return data
+    train = dict(train)
+    old = train.pop("bf16")
+    if not isinstance(old, bool):
+        raise LowlabelError(f"config key 'train.bf16': expected bool, got {old!r}")
+    given = train.get("precision", "auto")
+    if old and given not in ("auto", "bf16"):
+        raise LowlabelError(
+            f"config keys 'train.bf16: true' and 'train.precision: {given}' disagree; "
+            "'train.bf16' was replaced by 'train.precision', drop it"
+        )
+    train["precision"] = "bf16" if old else given
+    if old:
+        _note(
+            "config key 'train.bf16' is now 'train.precision'; read 'bf16: true' as "
+            "'precision: bf16' (update the config file)"
+        )
+    return {**data, "train": train}
+
+
+_NOTED: set[str] = set()
+
+
+def _note(message: str) -> None:
+    """Log ``message`` once per process (a study loads the same old config many times)."""
+    if message not in _NOTED:
+        _NOTED.add(message)
+        logging.getLogger(__name__).warning(message)
+
+
 def from_dict(data: dict, check: bool = True) -> RunConfig:
     """Build a validated :class:`RunConfig`; unknown keys and wrong types name the key.
 
@@ -361,7 +412,7 @@ def from_dict(data: dict, check: bool = True) -> RunConfig:
     """
     if not isinstance(data, dict):
         raise LowlabelError("a config must be a mapping of sections (data, model, train, ...)")
-    cfg = _from_dict(RunConfig, data)
+    cfg = _from_dict(RunConfig, _renamed(data))
     if check:
         validate(cfg)
     return cfg
@@ -494,6 +545,10 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks that the types alone cannot express."""
     d, m, t = cfg.data, cfg.model, cfg.train
+    if not DEVICE_PATTERN.match(t.device):
+        raise LowlabelError(
+            f"config key 'train.device': {t.device!r} is not auto, cpu, cuda or cuda:N"
+        )
     if len(d.patch_size) != d.spatial_dims:
         raise LowlabelError(
             f"config key 'data.patch_size': {list(d.patch_size)} has {len(d.patch_size)} numbers "
@@ -546,9 +601,19 @@ def validate(cfg: RunConfig) -> None:
             )
 
 
-# How a run executes, not what it computes: these keys never rename a run folder. The device
-# and precision settings join this list.
-EXECUTION_KEYS = ("train.threads", "train.workers", "train.compile", "train.channels_last")
+# How a run executes, not what it computes: these keys never rename a run folder. Precision
+# changes numerics, so it is not one of them.
+EXECUTION_KEYS = (
+    "train.threads",
+    "train.workers",
+    "train.compile",
+    "train.channels_last",
+    "train.device",
+    "train.deterministic",
+)
+
+# Execution keys younger than the first run folders: left out of the hash altogether.
+ADDED_EXECUTION_KEYS = ("device", "deterministic")
 
 # What a pretraining run does not read: its folder is hashed on the rest.
 PRETRAIN_UNREAD = (
@@ -585,10 +650,18 @@ def config_hash(cfg: RunConfig, kind: str = "train") -> str:
     data, defaults = to_dict(cfg), to_dict(RunConfig())
     for key in EXECUTION_KEYS + (PRETRAIN_UNREAD if kind == "pretrain" else ()):
         _reset(data, key, defaults)
+    for key in ADDED_EXECUTION_KEYS:  # not in older runs' configs: dropped, so they keep names
+        data["train"].pop(key)
     data.pop("name")
     data.pop("out")
     if data["semi"]["method"] == "none":  # off, it changes nothing: older runs keep their folder
         data.pop("semi")
+    # hashed as the bf16 key it replaced, so runs made before it keep their folder
+    precision = data["train"].pop("precision")
+    if precision in ("auto", "bf16"):
+        data["train"]["bf16"] = precision == "bf16"
+    else:
+        data["train"]["precision"] = precision
     blob = json.dumps(data, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:8]
 

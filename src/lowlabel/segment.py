@@ -8,6 +8,7 @@ Volumes are voxel counts times the voxel volume of the input's affine.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import csv
 import io
 import logging
@@ -150,28 +151,31 @@ def check_scan(path: Path, bundle: Bundle) -> None:
         )
 
 
-def segment_scan(
-    bundle: Bundle, pre, path: Path, out_dir: Path, probabilities: bool = False
-) -> dict:
-    """Segment one scan and write ``<name>_seg.nii.gz`` (and probability maps) into ``out_dir``.
-
-    Args:
-        pre: ``preprocess(bundle.cfg.data, keys=("image",))``, built once per batch.
-
-    Returns:
-        The scan's row of ``volumes.csv``.
+def read_scan(bundle: Bundle, pre, path: Path) -> dict:
+    """Check and preprocess one scan: ``{"image": (1, X, Y, Z)}`` on the model's grid.
 
     Raises:
         LowlabelError: the scan is unreadable or the model cannot take it.
     """
-    from lowlabel.engine.evaluate import to_native
+    check_scan(path, bundle)
+    return unwrap(pre, {"image": str(path)})
+
+
+def infer(bundle: Bundle, item: dict) -> torch.Tensor:
+    """Class probabilities ``(4, X, Y, Z)`` on the preprocessed grid (on the CPU), computed on
+    the device the bundle's model lives on."""
     from lowlabel.engine.inference import predict_logits
 
-    check_scan(path, bundle)
-    item = unwrap(pre, {"image": str(path)})
-    logits = predict_logits(bundle.model, item["image"], bundle.cfg)
-    probs = torch.softmax(logits, 0)
-    del logits
+    return torch.softmax(predict_logits(bundle.model, item["image"], bundle.cfg), 0)
+
+
+def write_outputs(
+    pre, path: Path, item: dict, probs: torch.Tensor, out_dir: Path, probabilities: bool = False
+) -> dict:
+    """Take ``probs`` back onto the scan's own grid and write ``<name>_seg.nii.gz`` (and
+    probability maps) into ``out_dir``; returns the scan's row of ``volumes.csv``."""
+    from lowlabel.engine.evaluate import to_native
+
     native = to_native(probs, item["image"], pre)
     del probs, item
     labels = native.argmax(0).to(torch.uint8).numpy()
@@ -200,6 +204,24 @@ def segment_scan(
     }
 
 
+def segment_scan(
+    bundle: Bundle, pre, path: Path, out_dir: Path, probabilities: bool = False
+) -> dict:
+    """Segment one scan and write ``<name>_seg.nii.gz`` (and probability maps) into ``out_dir``.
+
+    Args:
+        pre: ``preprocess(bundle.cfg.data, keys=("image",))``, built once per batch.
+
+    Returns:
+        The scan's row of ``volumes.csv``.
+
+    Raises:
+        LowlabelError: the scan is unreadable or the model cannot take it.
+    """
+    item = read_scan(bundle, pre, path)
+    return write_outputs(pre, path, item, infer(bundle, item), out_dir, probabilities)
+
+
 def segment(
     model_dir: str | Path | Bundle,
     inputs: Sequence[str | Path],
@@ -208,6 +230,8 @@ def segment(
     probabilities: bool = False,
     progress: bool = True,
     threads: int = 0,
+    device: str = "auto",
+    overlap: bool | None = None,
 ) -> SegmentResult:
     """Segment scans with a bundle; one bad scan does not stop the others.
 
@@ -217,18 +241,27 @@ def segment(
         out_dir: where ``<name>_seg.nii.gz``, optional ``<name>_prob_{csf,gm,wm}.nii.gz`` and
             ``volumes.csv`` (CSF, GM, WM and total brain = GM + WM, in mL) are written.
         threads: torch threads, 0 for all cores (:func:`lowlabel.engine.runtime.thread_count`).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` for the network.
+        overlap: read the next scan and write the previous one in background threads while the
+            network segments the current one; None does so on an accelerator, where the CPU
+            is otherwise idle (on the CPU the three would compete for the same cores).
 
     Returns:
         The volume rows and one error line per input that could not be segmented.
 
     Raises:
-        LowlabelError: the model folder is missing or not a bundle, or nothing can be written.
+        LowlabelError: the model folder is missing or not a bundle, a CUDA device is asked for
+            and there is none, or nothing can be written.
     """
     from tqdm.auto import tqdm
 
     from lowlabel.data.transforms import preprocess
+    from lowlabel.device import Placement
 
+    place = Placement.of(device, key="--device")
     bundle = model_dir if isinstance(model_dir, Bundle) else load_bundle(model_dir)
+    bundle.model.to(place.device)
+    overlap = place.device.type != "cpu" if overlap is None else overlap
     set_threads(threads)  # the one thread policy; a bundle has no loader workers
     out_dir = Path(out_dir)
     result = SegmentResult(out_dir=out_dir)
@@ -248,7 +281,8 @@ def segment(
             ) from None
     pre = preprocess(bundle.cfg.data, keys=("image",))
     names: dict[str, Path] = {}
-    for path in tqdm(files, desc="segment", unit="scan", disable=not progress, dynamic_ncols=True):
+    todo: list[Path] = []
+    for path in files:
         name = stem(path)
         if name in names:
             result.errors.append(
@@ -257,10 +291,51 @@ def segment(
             )
             continue
         names[name] = path
+        todo.append(path)
+    # one reader ahead and one writer behind the network at most, so memory stays bounded
+    reader = cf.ThreadPoolExecutor(1, "segment-read") if overlap else None
+    writer = cf.ThreadPoolExecutor(1, "segment-write") if overlap else None
+
+    def run(pool, fn, *args) -> cf.Future:
+        if pool is not None:
+            return pool.submit(fn, *args)
+        done: cf.Future = cf.Future()
         try:
-            result.rows.append(segment_scan(bundle, pre, path, out_dir, probabilities))
+            done.set_result(fn(*args))
         except LowlabelError as err:
-            result.errors.append(str(err))
+            done.set_exception(err)
+        return done
+
+    outcomes: list[cf.Future] = []
+    ahead: cf.Future | None = None  # the next scan's read, started before this one's inference
+    try:
+        for i, path in enumerate(
+            tqdm(todo, desc="segment", unit="scan", disable=not progress, dynamic_ncols=True)
+        ):
+            reading = ahead if ahead is not None else run(reader, read_scan, bundle, pre, path)
+            ahead = None
+            if reader is not None and i + 1 < len(todo):
+                ahead = run(reader, read_scan, bundle, pre, todo[i + 1])
+            if reading.exception() is not None:
+                outcomes.append(reading)  # reported in input order with the others
+                continue
+            item = reading.result()
+            probs = infer(bundle, item)
+            if outcomes and writer is not None:
+                outcomes[-1].exception()  # wait: one write in flight, not a queue of volumes
+            outcomes.append(
+                run(writer, write_outputs, pre, path, item, probs, out_dir, probabilities)
+            )
+            del item, probs, reading
+        for outcome in outcomes:
+            try:
+                result.rows.append(outcome.result())
+            except LowlabelError as err:
+                result.errors.append(str(err))
+    finally:
+        for pool in (reader, writer):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
     if result.rows:
         # keep the rows of earlier calls into this folder, whose label maps are still there, so
         # that volumes.csv matches the folder; a scan segmented again (same output name) gets

@@ -109,7 +109,8 @@ def fit(
         test=test,
     )
     speed = rt.settings(timing)
-    record = provenance(seed=cfg.seed, parameters=count_parameters(model), speed=speed)
+    params = count_parameters(model)
+    record = provenance(seed=cfg.seed, parameters=params, speed=speed, device=rt.record())
     folder.finish(asdict(result), record)
     return result
 
@@ -148,8 +149,9 @@ def train_steps(
     every = cfg.train.checkpoint_every
     if state["step"]:
         say(f"resuming {folder.path} at step {state['step']}", progress)
-    objective.net = rt.prepare(objective.model)  # the one place the model meets the device
-    loader = step_loader(batches, state["step"], steps, cfg)
+    objective.net = rt.prepare(objective.model)  # the device, memory format and compile
+    rt.resume(state)
+    loader = step_loader(batches, state["step"], steps, cfg, rt.pin_memory)
     desc = f"{objective.verb} {folder.path.name}"
     bar = tqdm(
         total=steps, initial=state["step"], desc=desc, disable=not progress, dynamic_ncols=True
@@ -166,8 +168,7 @@ def train_steps(
             set_learning_rate(optimizer, cfg, state["step"], seconds)
         loss = objective.loss(batch, state["step"])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        rt.update(loss, optimizer, state)
         state["losses"].append(loss.item())
         state["step"] += 1
         objective.after_update(batch, state)

@@ -184,6 +184,7 @@ def segmentation(
     """The network, its optimizer and the objective of a segmentation run (seed first)."""
     model = build_model(cfg.model, cfg.data.spatial_dims)
     setup = transfer.prepare(model, cfg, folder.path) if cfg.transfer.mode != "scratch" else None
+    runtime.place(model)  # before the optimizer state is restored and a mean teacher copied
     groups = setup.param_groups(cfg.train.lr) if setup else model.parameters()
     optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     for group in optimizer.param_groups:

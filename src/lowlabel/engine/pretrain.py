@@ -178,7 +178,7 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> 
         split = {k: pool.split[k] for k in ("source", "split_file")}
         folder.write_json(POOL, {**split, "images": images, "validation": validation})
         seed_everything(cfg.seed)
-        model = build_pretrain_model(cfg)
+        model = rt.place(build_pretrain_model(cfg))
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=cfg.pretrain.lr, weight_decay=cfg.train.weight_decay
         )
@@ -194,7 +194,7 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> 
     if pool.val_items:
         figure = str(folder / RECONSTRUCTIONS)
         x = objective.val_x[0]
-        reconstruction_panels(cfg, checkpoints, pool.val_items[0], x, Path(figure))
+        reconstruction_panels(cfg, checkpoints, pool.val_items[0], x, Path(figure), rt.device)
     result = PretrainResult(
         run_dir=str(folder.path),
         steps=state["step"],
@@ -205,16 +205,23 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> 
         figure=figure,
         seconds=round(state["train_seconds"] + time.perf_counter() - t0, 3),
     )
-    folder.finish(asdict(result), provenance(seed=cfg.seed, parameters=count_parameters(model)))
+    record = provenance(seed=cfg.seed, parameters=count_parameters(model), device=rt.record())
+    folder.finish(asdict(result), record)
     return result
 
 
 @torch.no_grad()
 def reconstruction_panels(
-    cfg: RunConfig, checkpoints: dict[str, str], item: dict, x: torch.Tensor, path: Path
+    cfg: RunConfig,
+    checkpoints: dict[str, str],
+    item: dict,
+    x: torch.Tensor,
+    path: Path,
+    device: torch.device | None = None,
 ) -> None:
-    """Input, reconstruction and error of one validation volume for every saved step."""
-    model = build_pretrain_model(cfg)
+    """Input, reconstruction and error of one validation volume for every saved step, computed
+    on ``device`` (the CPU by default)."""
+    model = build_pretrain_model(cfg).to(device or "cpu")
     target = np.asarray(item["image"])[0]
     rows = []
     for step, ckpt in checkpoints.items():

@@ -11,6 +11,7 @@ from torch import nn
 from lowlabel import checkpoint
 from lowlabel.config import RunConfig, from_dict
 from lowlabel.data.datasets import load_dataset
+from lowlabel.device import Placement
 from lowlabel.engine.evaluate import evaluate
 from lowlabel.engine.runtime import runtime
 from lowlabel.errors import LowlabelError
@@ -47,11 +48,21 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, nn.Module]:
     return cfg, model
 
 
-def evaluate_run(run_dir: str | Path, data: str | None = None, progress: bool = True) -> dict:
-    """Re-evaluate a run on its test split, or on every subject of another dataset."""
+def evaluate_run(
+    run_dir: str | Path, data: str | None = None, progress: bool = True, device: str = "auto"
+) -> dict:
+    """Re-evaluate a run on its test split, or on every subject of another dataset, on
+    ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``; whichever device the run trained on).
+
+    Raises:
+        LowlabelError: not a finished run, a damaged split, or a CUDA device that is not there.
+    """
+    Placement.of(device, key="--device")  # a bad or missing device, named as the option
     run_dir = Path(run_dir)
     cfg, model = load_run(run_dir)
-    runtime(cfg)  # the thread policy of training, so evaluation runs as it did inside training
+    cfg = cfg.replace(**{"train.device": device})  # how it runs, not which run it is
+    # the thread policy of training, so evaluation runs as it did inside training
+    runtime(cfg).place(model)
     if data is None:
         split_path = run_dir / SPLITS
         try:

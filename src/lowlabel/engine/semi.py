@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lowlabel.config import RunConfig
-from lowlabel.engine.runtime import autocast
+from lowlabel.device import Placement
 
 
 class MeanTeacher:
@@ -29,6 +29,7 @@ class MeanTeacher:
         self.teacher = copy.deepcopy(student)
         self.teacher.requires_grad_(False)
         self.teacher.eval()
+        self.placement = Placement.of_model(student, cfg.train.precision)
 
     def weight(self, step: int) -> float:
         """Consistency weight at ``step``: a sigmoid ramp-up to ``semi.weight``."""
@@ -40,7 +41,7 @@ class MeanTeacher:
 
     def consistency(self, student_logits: torch.Tensor, teacher_in: torch.Tensor) -> torch.Tensor:
         """Mean squared difference between the student's and the teacher's class probabilities."""
-        with torch.no_grad(), autocast(self.cfg.train.bf16):
+        with torch.no_grad(), self.placement.autocast():
             target = torch.softmax(self.teacher(teacher_in).float(), dim=1)
         return F.mse_loss(torch.softmax(student_logits.float(), dim=1), target)
 

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -52,6 +53,128 @@ def default_jobs(threads_per_job: int = 1) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# which device each run gets (pure functions, testable without a GPU)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Worker processes that share one placement.
+
+    Attributes:
+        gpu: the GPU its workers see (a ``CUDA_VISIBLE_DEVICES`` value: each process sees this
+            one GPU as ``cuda``), or None for CPU processes.
+        workers: runs in it at a time.
+        threads: torch threads per worker.
+    """
+
+    gpu: str | None
+    workers: int
+    threads: int
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self.gpu is None else "cuda"
+
+
+def visible_gpus(count: int, env: str | None = None) -> list[str]:
+    """The ids of the ``count`` GPUs this process sees, as ``CUDA_VISIBLE_DEVICES`` names them
+    (``env`` is its value here, None when unset)."""
+    if env is None:
+        return [str(i) for i in range(count)]
+    return [g.strip() for g in env.split(",") if g.strip()][:count]
+
+
+def choose_gpus(device: str, gpus: list[str]) -> list[str]:
+    """The GPUs a study's ``--device`` asks for among the visible ``gpus``.
+
+    Raises:
+        LowlabelError: ``cuda`` or ``cuda:N`` without such a GPU.
+    """
+    if device == "cpu":
+        return []
+    if device == "auto":
+        return gpus
+    if not gpus:
+        raise LowlabelError(f"--device {device}: no GPU is visible here; use --device cpu or auto")
+    index = int(device.split(":", 1)[1]) if ":" in device else None
+    if index is None:
+        return gpus
+    if index >= len(gpus):
+        raise LowlabelError(
+            f"--device {device}: only {len(gpus)} GPU(s) visible (cuda:0..cuda:{len(gpus) - 1})"
+        )
+    return [gpus[index]]
+
+
+def plan_slots(gpus: list[str], runs_per_gpu: int, jobs: int, cores: int) -> list[Slot]:
+    """Worker slots: ``runs_per_gpu`` processes per GPU, or ``jobs`` CPU processes (0: one per
+    core) without one; the cores are shared out as torch threads."""
+    if runs_per_gpu < 1:
+        raise LowlabelError(f"--runs-per-gpu {runs_per_gpu}: must be >= 1")
+    cores = max(1, cores)
+    if not gpus:
+        jobs = jobs or cores
+        return [Slot(None, jobs, max(1, cores // jobs))]
+    threads = max(1, cores // (len(gpus) * runs_per_gpu))
+    return [Slot(gpu, runs_per_gpu, threads) for gpu in gpus]
+
+
+def check_paper_profile(profile: str, device: str, gpus: int) -> None:
+    """The ``paper`` profile needs a GPU unless the CPU is asked for by name.
+
+    Raises:
+        LowlabelError: ``paper`` with no GPU and ``device`` not ``cpu``.
+    """
+    if profile == "paper" and gpus == 0 and device != "cpu":
+        raise LowlabelError(
+            "--profile paper: the original study's scale (96^3 patches, batch 16, 5000 steps "
+            "a run) needs a GPU and none is visible; pass --device cpu to run it on the CPU "
+            "anyway (weeks on a few cores), or use --profile cpu"
+        )
+
+
+@dataclass(frozen=True)
+class RayPlan:
+    """What each Ray task asks for: ``num_cpus`` and ``num_gpus`` (fractional: runs share a
+    GPU), and how many run at once."""
+
+    jobs: int
+    num_cpus: int
+    num_gpus: float
+    gpus: int
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.num_gpus else "cpu"
+
+
+def ray_plan(cluster: dict, jobs: int, runs_per_gpu: int, device: str) -> RayPlan:
+    """Resources per run on a Ray cluster with ``cluster`` resources (``ray.cluster_resources()``).
+
+    Raises:
+        LowlabelError: ``--device cuda`` on a cluster without GPUs.
+    """
+    if runs_per_gpu < 1:
+        raise LowlabelError(f"--runs-per-gpu {runs_per_gpu}: must be >= 1")
+    cpus = max(1, int(cluster.get("CPU", 1)))
+    gpus = int(cluster.get("GPU", 0)) if device != "cpu" else 0
+    if device.startswith("cuda") and not gpus:
+        raise LowlabelError(f"--device {device}: the Ray cluster has no GPUs; use cpu or auto")
+    if gpus:
+        jobs = jobs or gpus * runs_per_gpu
+        return RayPlan(jobs, max(1, cpus // jobs), 1.0 / runs_per_gpu, gpus)
+    # size the runs by the cluster, not by this machine: a task asking for more CPUs than the
+    # cluster has would wait forever
+    jobs = jobs or cpus
+    return RayPlan(jobs, max(1, cpus // jobs), 0.0, 0)
+
+
+def on_device(config: dict, device: str) -> dict:
+    """``config`` with ``train.device`` set (an execution key: the run's folder is the same)."""
+    return {**config, "train": {**config["train"], "device": device}}
+
+
+# ---------------------------------------------------------------------------------------------
 # what a worker does
 
 
@@ -61,10 +184,13 @@ def default_jobs(threads_per_job: int = 1) -> int:
 STOP_SIGNAL = getattr(signal, "SIGUSR1", signal.SIGTERM)  # Windows: no SIGUSR1, a plain stop
 
 
-def _start_worker() -> None:
-    """Initialise a local worker process: deaf to Ctrl-C (see STOP_SIGNAL)."""
+def _start_worker(gpu: str | None) -> None:
+    """Initialise a local worker process: deaf to Ctrl-C (see STOP_SIGNAL), and seeing only
+    ``gpu`` (set before CUDA starts) as ``cuda`` when there is one."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(STOP_SIGNAL, signal.SIG_IGN)
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
 
 
 def _stop_once(signum, frame) -> None:
@@ -81,8 +207,6 @@ def _signals_ignored(*signums: int) -> Iterator[None]:
     A process spawned meanwhile starts ignoring them too: Python installs its KeyboardInterrupt
     handler only over SIGINT's default action.
     """
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -139,33 +263,55 @@ def _ray_run_cell(kind: str, config: dict, threads: int) -> dict:
 
 
 class LocalBackend:
-    """Worker processes on this machine, each with ``threads`` torch threads."""
+    """Worker processes on this machine: one pool per :class:`Slot` (per GPU, or one of CPU
+    processes); a run goes to the slot with the most free workers."""
 
-    def __init__(self, jobs: int, threads: int) -> None:
+    def __init__(self, slots: list[Slot]) -> None:
         import multiprocessing as mp
 
-        self.jobs, self.threads = jobs, threads
+        self.slots = slots
+        self.jobs = sum(s.workers for s in slots)
         # spawn, not fork: forking a parent that loaded torch can deadlock OpenMP in the child
-        self.pool = cf.ProcessPoolExecutor(
-            max_workers=jobs,
-            mp_context=mp.get_context("spawn"),
-            initializer=_start_worker,
-        )
+        self.pools = [
+            cf.ProcessPoolExecutor(
+                max_workers=slot.workers,
+                mp_context=mp.get_context("spawn"),
+                initializer=_start_worker,
+                initargs=(slot.gpu,),
+            )
+            for slot in slots
+        ]
+        self.busy = [0] * len(slots)
+        self.lock = threading.Lock()
 
     def submit(self, kind: str, config: dict) -> cf.Future:
+        with self.lock:
+            i = max(range(len(self.slots)), key=lambda j: self.slots[j].workers - self.busy[j])
+            self.busy[i] += 1
+        slot = self.slots[i]
         # workers are spawned on demand, inside submit: one spawned now starts deaf to Ctrl-C
         # (and to STOP_SIGNAL until it runs a cell), even while it still imports torch
         with _signals_ignored(signal.SIGINT, STOP_SIGNAL):
-            return self.pool.submit(_local_run_cell, kind, config, self.threads)
+            fut = self.pools[i].submit(
+                _local_run_cell, kind, on_device(config, slot.device), slot.threads
+            )
+        fut.add_done_callback(lambda _f: self._release(i))
+        return fut
+
+    def _release(self, i: int) -> None:
+        with self.lock:
+            self.busy[i] -= 1
 
     def close(self, cancel: bool = False) -> None:
         if not cancel:
-            self.pool.shutdown(wait=True)
+            for pool in self.pools:
+                pool.shutdown(wait=True)
             return
         # stop the runs in progress (each resumes from its last checkpoint), drop the waiting
-        # ones; the workers then exit and the pool closes cleanly
-        workers = list((self.pool._processes or {}).values())
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        # ones; the workers then exit and the pools close cleanly
+        workers = [p for pool in self.pools for p in (pool._processes or {}).values()]
+        for pool in self.pools:
+            pool.shutdown(wait=False, cancel_futures=True)
         for proc in workers:
             with contextlib.suppress(OSError):
                 os.kill(proc.pid, STOP_SIGNAL)
@@ -200,9 +346,12 @@ def _send_ray_token() -> None:
 
 
 class RayBackend:
-    """Ray tasks on a cluster (``address``) or on a local Ray; one CPU slot per thread."""
+    """Ray tasks on a cluster (``address``) or on a local Ray; one CPU slot per thread, and a
+    share of a GPU per run when the cluster has GPUs (Ray shows each task its GPU)."""
 
-    def __init__(self, jobs: int, address: str | None) -> None:
+    def __init__(
+        self, jobs: int, address: str | None, runs_per_gpu: int = 1, device: str = "auto"
+    ) -> None:
         try:
             import ray
         except ImportError:
@@ -219,14 +368,14 @@ class RayBackend:
                     "'ray start --head' or drop --address (a cluster with token authentication "
                     "also needs its token here: ~/.ray/auth_token or RAY_AUTH_TOKEN)"
                 ) from None
-        # size the runs by the cluster, not by this machine: a task asking for more CPUs than
-        # the cluster has would wait forever
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        self.jobs = jobs or cpus
-        self.threads = max(1, cpus // self.jobs)
-        self.task = ray.remote(num_cpus=self.threads)(_ray_run_cell)
+        self.plan = ray_plan(ray.cluster_resources(), jobs, runs_per_gpu, device)
+        self.jobs, self.threads, self.gpus = self.plan.jobs, self.plan.num_cpus, self.plan.gpus
+        self.task = ray.remote(num_cpus=self.plan.num_cpus, num_gpus=self.plan.num_gpus)(
+            _ray_run_cell
+        )
 
     def submit(self, kind: str, config: dict) -> cf.Future:
+        config = on_device(config, self.plan.device)
         return self.task.remote(kind, config, self.threads).future()
 
     def close(self, cancel: bool = False) -> None:
@@ -314,6 +463,8 @@ def run_study(
     overrides: dict | None = None,
     progress: bool = True,
     report: bool = True,
+    device: str | None = None,
+    runs_per_gpu: int = 1,
 ) -> StudyResult:
     """Expand, check and run a study, then write its report.
 
@@ -328,21 +479,38 @@ def run_study(
         mlflow_uri: log every run to this MLflow tracking URI.
         seeds: override the profile's seeds.
         overrides: dotted config overrides for every run, applied last (``--set``).
+        device: ``auto`` (the visible GPUs, else CPU processes), ``cpu``, ``cuda`` or ``cuda:N``
+            (that GPU only); default ``train.device`` of ``overrides``, else ``auto``.
+        runs_per_gpu: runs sharing one GPU at a time.
 
     Raises:
-        LowlabelError: a bad study (before any run), or runs that failed (after the others).
+        LowlabelError: a bad study (before any run), the ``paper`` profile without a GPU
+            unless ``device`` is ``cpu``, or runs that failed (after the others).
     """
     t0 = time.perf_counter()
     if backend not in ("local", "ray"):
         raise LowlabelError(f"--backend '{backend}': choose local or ray")
+    from lowlabel.device import check_device_name
+
+    device = check_device_name(
+        device or str((overrides or {}).get("train.device") or "auto"), "--device"
+    )
     tracker = _mlflow(mlflow_uri) if mlflow_uri else None
+    if backend == "local":
+        import torch
+
+        env = os.environ.get("CUDA_VISIBLE_DEVICES")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        gpus = choose_gpus(device, visible_gpus(count, env))
+        check_paper_profile(profile, device, len(gpus))
+        slots = plan_slots(gpus, runs_per_gpu, jobs, os.cpu_count() or 1)
+    else:
+        exe = RayBackend(jobs, address, runs_per_gpu, device)
+        check_paper_profile(profile, device, exe.gpus)
     study, study_dir, cells = prepare(study, profile, data, study_dir, seeds, overrides)
     if backend == "local":
-        jobs = jobs or default_jobs()
-        exe = LocalBackend(jobs, max(1, (os.cpu_count() or 1) // jobs))
-    else:
-        exe = RayBackend(jobs, address)
-        jobs = exe.jobs
+        exe = LocalBackend(slots)
+    jobs = min(jobs, exe.jobs) if jobs else exe.jobs
     results: dict[str, dict] = {}
     failed: dict[str, str] = {}
     ran = skipped = 0
