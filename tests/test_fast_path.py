@@ -60,6 +60,17 @@ def plain_losses(cfg: RunConfig) -> list[float]:
     subjects = resolve_dataset(cfg).by_id(resolve_splits(cfg, resolve_dataset(cfg))["train"])
     items = [{"image": s["image"], "label": s["label"]} for s in subjects]
     batches = Batches(items, DecodeEachStep(cfg), cfg.train.batch_size, cfg.seed, track_meta=True)
+    # the run's thread count, not whatever an earlier test left: with another count the
+    # reductions sum in another order and the losses differ in the 7th digit
+    threads = torch.get_num_threads()
+    set_threads(cfg.train.threads, cfg.train.workers)
+    try:
+        return _plain_steps(cfg, batches)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _plain_steps(cfg: RunConfig, batches: Batches) -> list[float]:
     seed_everything(cfg.seed)
     model = build_model(cfg.model, cfg.data.spatial_dims)
     optimizer = torch.optim.AdamW(
