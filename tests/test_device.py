@@ -361,7 +361,7 @@ def test_local_backend_sends_runs_to_the_freest_slot(monkeypatch):
             submitted.append((self.gpu, config["train"]["device"]))
             return cf.Future()
 
-        def shutdown(self, wait, cancel_futures):
+        def shutdown(self, wait=True, cancel_futures=False):
             pass
 
     monkeypatch.setattr(runner.cf, "ProcessPoolExecutor", FakePool)
@@ -376,11 +376,18 @@ def test_local_backend_sends_runs_to_the_freest_slot(monkeypatch):
 
 
 def test_worker_start_shows_one_gpu(monkeypatch):
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
-    runner._see_gpu("2")
     import os
+    import signal
 
-    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    handlers = {n: signal.getsignal(n) for n in (signal.SIGINT, runner.STOP_SIGNAL)}
+    try:
+        runner._start_worker("2")
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "2"
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # a worker ignores Ctrl-C
+    finally:
+        for n, handler in handlers.items():
+            signal.signal(n, handler)
 
 
 # --- runs moving between devices (needs a GPU) ---------------------------------------------------
