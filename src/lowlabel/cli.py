@@ -40,6 +40,13 @@ RunsOpt = Annotated[
     Path | None, typer.Option("--out", "-o", help="Folder for runs (default: runs/).")
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+SkullStripOpt = Annotated[
+    str,
+    typer.Option(
+        "--skull-strip",
+        help="auto (extract the brain of scans that still have their skull), yes or no.",
+    ),
+]
 
 
 def _load(config: Path | None, overrides: list[str] | None, extra: dict | None = None):
@@ -337,8 +344,29 @@ def report(
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="New folder for the model bundle.")],
+    format_: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="lowlabel (for 'lowlabel segment') or monai-bundle (MONAI Bundle specification).",
+        ),
+    ] = "lowlabel",
+    weights_license: Annotated[
+        str | None,
+        typer.Option(
+            "--weights-license",
+            help="monai-bundle: the weights' licence, an SPDX id (e.g. CC-BY-4.0) or a file.",
+        ),
+    ] = None,
 ) -> None:
     """Turn a run into a self-contained model bundle (safetensors weights, config, provenance)."""
+    if format_ == "monai-bundle":
+        from lowlabel.monai_bundle import export_monai
+
+        typer.echo(f"wrote MONAI bundle {export_monai(run_dir, out, weights_license)}")
+        return
+    if format_ != "lowlabel":
+        raise LowlabelError(f"--format: '{format_}' is not one of lowlabel, monai-bundle")
     from lowlabel.bundle import export as export_bundle
 
     typer.echo(f"wrote model bundle {export_bundle(run_dir, out)}")
@@ -352,9 +380,14 @@ def segment(
     probabilities: Annotated[
         bool, typer.Option("--probabilities", help="Also write one probability map per tissue.")
     ] = False,
+    skull_strip: SkullStripOpt = "auto",
+    no_qc: Annotated[
+        bool, typer.Option("--no-qc", help="Skip the QC snapshots and qc.html.")
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Segment scans into CSF, GM and WM on each scan's own grid; tissue volumes in volumes.csv."""
+    """Segment scans into CSF, GM and WM on each scan's own grid; tissue volumes in volumes.csv,
+    QC snapshots and warnings in qc.html."""
     import os
 
     # idle OpenMP threads sleep instead of spinning (read when torch loads): on a shared CPU,
@@ -362,7 +395,15 @@ def segment(
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from lowlabel.segment import segment as segment_scans
 
-    result = segment_scans(model_dir, inputs, out, probabilities=probabilities, progress=not quiet)
+    result = segment_scans(
+        model_dir,
+        inputs,
+        out,
+        probabilities=probabilities,
+        progress=not quiet,
+        skull_strip=skull_strip,
+        qc=not no_qc,
+    )
     if result.rows:
         typer.echo(
             f"segmented {len(result.rows)} scan(s) into {out}; volumes in {result.volumes_csv}"
@@ -371,6 +412,71 @@ def segment(
         typer.echo(f"error: {line}", err=True)
     if result.errors:
         sys.exit(EXIT_USAGE)  # after the good scans are written; typer.Exit would be swallowed
+
+
+@app.command()
+def bids(
+    bids_dir: Annotated[Path, typer.Argument(help="The BIDS dataset (its root folder).")],
+    output_dir: Annotated[Path, typer.Argument(help="Folder for the BIDS derivatives.")],
+    analysis_level: Annotated[str, typer.Argument(help="participant or group.")],
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="A model bundle (participant level)."),
+    ] = None,
+    participant_label: Annotated[
+        list[str] | None,
+        typer.Option("--participant-label", help="Only these participants (repeatable)."),
+    ] = None,
+    session_label: Annotated[
+        list[str] | None,
+        typer.Option("--session-label", help="Only these sessions (repeatable)."),
+    ] = None,
+    probabilities: Annotated[
+        bool, typer.Option("--probabilities", help="Also write _probseg maps per tissue.")
+    ] = False,
+    skull_strip: SkullStripOpt = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """BIDS App: segment T1w scans into derivatives (participant), then tabulate volumes (group).
+
+    lowlabel bids BIDS_DIR OUTPUT_DIR participant --model MODEL_DIR; then
+    lowlabel bids BIDS_DIR OUTPUT_DIR group. Both write qc.html.
+    """
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from lowlabel import bids as bids_app
+
+    if analysis_level == "group":
+        result = bids_app.group(bids_dir, output_dir)
+        typer.echo(f"volumes of all scans in {result.volumes_tsv}; QC page {result.qc_html}")
+        return
+    if analysis_level != "participant":
+        raise LowlabelError(
+            f"analysis level '{analysis_level}': give participant or group (BIDS-Apps convention)"
+        )
+    if model is None:
+        raise LowlabelError("--model: the participant level needs a model bundle folder")
+    result = bids_app.participant(
+        bids_dir,
+        output_dir,
+        model,
+        participants=participant_label,
+        sessions=session_label,
+        probabilities=probabilities,
+        skull_strip=skull_strip,
+        progress=not quiet,
+    )
+    for line in result.skipped:
+        typer.echo(f"skipped: {line}", err=True)
+    if result.done:
+        typer.echo(
+            f"segmented {len(result.done)} scan(s) into {output_dir}; QC page {result.qc_html}"
+        )
+    for line in result.errors:
+        typer.echo(f"error: {line}", err=True)
+    if result.errors:
+        sys.exit(EXIT_USAGE)
 
 
 _WRITE_ERRNOS = {

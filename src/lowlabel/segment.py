@@ -23,7 +23,7 @@ import torch
 from lowlabel.atomic import write_text
 from lowlabel.bundle import Bundle
 from lowlabel.bundle import load as load_bundle
-from lowlabel.data.io import TISSUES, quiet_nibabel, write_nifti
+from lowlabel.data.io import quiet_nibabel
 from lowlabel.data.transforms import patch_shape
 from lowlabel.errors import LowlabelError, unwrap
 
@@ -149,54 +149,29 @@ def check_scan(path: Path, bundle: Bundle) -> None:
         )
 
 
-def segment_scan(
-    bundle: Bundle, pre, path: Path, out_dir: Path, probabilities: bool = False
-) -> dict:
-    """Segment one scan and write ``<name>_seg.nii.gz`` (and probability maps) into ``out_dir``.
+def predict_native(bundle: Bundle, pre, path: Path) -> tuple[np.ndarray, torch.Tensor]:
+    """Class probabilities and labels of one scan on the scan's own grid.
 
     Args:
         pre: ``preprocess(bundle.cfg.data, keys=("image",))``, built once per batch.
+        path: the scan, already accepted by :func:`check_scan`.
 
     Returns:
-        The scan's row of ``volumes.csv``.
+        ``(labels, probs)``: ``(X, Y, Z)`` uint8 labels 0..3 and ``(4, X, Y, Z)`` probabilities.
 
     Raises:
-        LowlabelError: the scan is unreadable or the model cannot take it.
+        LowlabelError: the scan is unreadable.
     """
     from lowlabel.engine.evaluate import to_native
     from lowlabel.engine.inference import predict_logits
 
-    check_scan(path, bundle)
     item = unwrap(pre, {"image": str(path)})
     logits = predict_logits(bundle.model, item["image"], bundle.cfg)
     probs = torch.softmax(logits, 0)
     del logits
     native = to_native(probs, item["image"], pre)
     del probs, item
-    labels = native.argmax(0).to(torch.uint8).numpy()
-
-    ref = nib.load(str(path))
-    shape = tuple(ref.shape)
-    name = stem(path)
-    # the loader squeezed trailing singleton axes; the output keeps the input's exact shape
-    write_nifti(out_dir / f"{name}_seg.nii.gz", labels.reshape(shape), ref.affine, like=ref)
-    if probabilities:
-        for i, tissue in enumerate(TISSUES, start=1):
-            prob = native[i].numpy().astype(np.float32, copy=False).reshape(shape)
-            write_nifti(
-                out_dir / f"{name}_prob_{tissue.lower()}.nii.gz", prob, ref.affine, like=ref
-            )
-    voxel_ml = abs(float(np.linalg.det(np.asarray(ref.affine, dtype=np.float64)[:3, :3]))) / 1000.0
-    counts = np.bincount(labels.ravel(), minlength=4)
-    csf, gm, wm = (float(c) * voxel_ml for c in counts[1:4])
-    return {
-        "scan": str(path),
-        "csf_ml": csf,
-        "gm_ml": gm,
-        "wm_ml": wm,
-        "total_brain_ml": gm + wm,
-        "voxel_ml": voxel_ml,
-    }
+    return native.argmax(0).to(torch.uint8).numpy(), native
 
 
 def segment(
@@ -207,6 +182,8 @@ def segment(
     probabilities: bool = False,
     progress: bool = True,
     threads: int = 0,
+    skull_strip: str = "auto",
+    qc: bool = True,
 ) -> SegmentResult:
     """Segment scans with a bundle; one bad scan does not stop the others.
 
@@ -216,6 +193,9 @@ def segment(
         out_dir: where ``<name>_seg.nii.gz``, optional ``<name>_prob_{csf,gm,wm}.nii.gz`` and
             ``volumes.csv`` (CSF, GM, WM and total brain = GM + WM, in mL) are written.
         threads: torch threads, 0 for all cores.
+        skull_strip: ``auto`` (extract the brain of scans that look unstripped), ``yes`` or
+            ``no``; masks go to ``<name>_brainmask.nii.gz`` (see :mod:`lowlabel.skullstrip`).
+        qc: write ``qc/`` (snapshots, per-scan QC records) and ``qc.html`` (see :mod:`lowlabel.qc`).
 
     Returns:
         The volume rows and one error line per input that could not be segmented.
@@ -226,7 +206,10 @@ def segment(
     from tqdm.auto import tqdm
 
     from lowlabel.data.transforms import preprocess
+    from lowlabel.pipeline import plain_outputs, run_scan
+    from lowlabel.skullstrip import extractor_for
 
+    extractor = extractor_for(skull_strip)
     bundle = model_dir if isinstance(model_dir, Bundle) else load_bundle(model_dir)
     torch.set_num_threads(threads or os.cpu_count() or 1)
     out_dir = Path(out_dir)
@@ -244,12 +227,37 @@ def segment(
             continue
         names[name] = path
         try:
-            result.rows.append(segment_scan(bundle, pre, path, out_dir, probabilities))
+            row, _ = run_scan(
+                bundle,
+                pre,
+                path,
+                plain_outputs(out_dir, name),
+                probabilities=probabilities,
+                skull_strip=skull_strip,
+                extractor=extractor,
+                qc=qc,
+                reference=bundle.info.get("qc_reference"),
+            )
+            result.rows.append(row)
         except LowlabelError as err:
             result.errors.append(str(err))
     if result.rows:
         write_text(result.volumes_csv, volumes_csv(result.rows))
+        if qc:
+            from lowlabel.qc import write_page
+
+            write_page(out_dir, f"lowlabel QC: {out_dir.name}", model_line(bundle))
     return result
+
+
+def model_line(bundle: Bundle) -> str:
+    """The model in one sentence, for the QC page."""
+    prov = bundle.info.get("provenance", {})
+    spacing = "x".join(f"{s:g}" for s in bundle.cfg.data.spacing)
+    return (
+        f"Model {bundle.path.name} ({prov.get('run_name') or 'run'}, "
+        f"{prov.get('dataset', 'unknown data')}, {spacing} mm)."
+    )
 
 
 def volumes_csv(rows: list[dict]) -> str:
