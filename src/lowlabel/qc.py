@@ -8,8 +8,8 @@ brain; ``qc/<scan>_thumb.png``: the overlay row, small). ``qc.html`` lists every
 - ``skull``: the scan seems to have its skull and ``--skull-strip no`` was given;
 - ``voxel_size``: voxels far from the model's training spacing;
 - ``contrast``: tissue contrast unlike the training scans (another sequence, or an odd scan);
-- ``volume``: a tissue volume outside the range of the training subjects (widened by half), or a
-  brain volume no adult has;
+- ``volume``: a tissue volume outside the range of the training subjects (widened by half), or,
+  for a bundle without that reference, a brain volume no adult has;
 - ``unsure``: many brain voxels where the model's highest class probability is low.
 """
 
@@ -33,7 +33,7 @@ UNSURE_FLAG = 0.2  # flag a scan when more than this fraction of its brain voxel
 SPACING_RATIO = 1.5  # flag voxels this many times coarser or finer than the model's
 VOLUME_MARGIN = 0.5  # widen the training subjects' volume range by this fraction each way
 CONTRAST_RATIO = 0.5  # flag a tissue contrast under half (or over twice) the training one
-BRAIN_ML = (500.0, 2100.0)  # GM + WM outside this is no adult brain
+BRAIN_ML = (500.0, 2100.0)  # GM + WM outside this is no adult brain (bundles without a reference)
 COLOURS = {1: (0.23, 0.51, 0.96), 2: (0.96, 0.62, 0.04), 3: (0.06, 0.73, 0.51)}  # CSF GM WM
 
 
@@ -174,9 +174,7 @@ def assess(
                         f"training ({lo:,.0f}-{hi:,.0f} mL)",
                     )
                 )
-    if not BRAIN_ML[0] <= volumes["brain"] <= BRAIN_ML[1] and not any(
-        f["code"] == "volume" and f["message"].startswith("brain") for f in flags
-    ):
+    elif not BRAIN_ML[0] <= volumes["brain"] <= BRAIN_ML[1]:  # a bundle without a reference
         flags.append(
             _flag(
                 "volume",
