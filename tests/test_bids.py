@@ -265,6 +265,20 @@ def test_cli_bids_errors_are_one_line(model, tmp_path, monkeypatch, capsys):
     assert err.count("skipped: ") == 3
 
 
+def test_cli_takes_several_labels_after_one_flag(model, tmp_path, monkeypatch, capsys):
+    ds = make_bids(tmp_path / "ds")
+    args = ["bids", ds, tmp_path / "o", "participant", "--participant-label", "01", "02"]
+    code, out, err = run_cli(
+        args + ["--session-label", "2", "--model", model, "--skull-strip", "no", "-q"],
+        monkeypatch,
+        capsys,
+    )
+    assert code == 0, err
+    assert "segmented 1 scan(s)" in out  # sub-01 ses-2 only: sub-02 has no sessions
+    assert (tmp_path / "o/sub-01/ses-2/anat/sub-01_ses-2_acq-mprage_run-2_dseg.nii.gz").is_file()
+    assert not (tmp_path / "o/sub-01/ses-1").exists()
+
+
 # --- QC flags on constructed cases ---
 
 

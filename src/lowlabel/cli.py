@@ -491,9 +491,33 @@ _WRITE_ERRNOS = {
 }
 
 
+_BIDS_LISTS = ("--participant-label", "--session-label")
+
+
+def bids_argv(argv: list[str]) -> list[str]:
+    """BIDS Apps give several labels after one flag (``--participant-label 01 02``); typer takes a
+    repeated flag, so ``lowlabel bids`` spreads them out. Labels end at the next option or at an
+    analysis level."""
+    if len(argv) < 2 or argv[1] != "bids":
+        return argv
+    out: list[str] = []
+    flag = None
+    for token in argv:
+        if token in _BIDS_LISTS:
+            flag = token
+            continue
+        if flag and not token.startswith("-") and token not in ("participant", "group"):
+            out += [flag, token]
+            continue
+        flag = None
+        out.append(token)
+    return out
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    sys.argv = bids_argv(sys.argv)
     try:
         app(standalone_mode=False)
     except LowlabelError as err:

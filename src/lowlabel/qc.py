@@ -237,6 +237,8 @@ def snapshot(
     inside = seg > 0
     if not inside.any():
         inside = img != 0
+    if not inside.any():  # an empty scan: show its middle
+        inside = np.ones_like(img, dtype=bool)
     centre = [int(round(c.mean())) for c in np.nonzero(inside)]
     nonzero = img[img != 0]
     lo, hi = np.percentile(nonzero, [0.5, 99.5]) if nonzero.size else (0.0, 1.0)
