@@ -363,6 +363,7 @@ def test_qc_flags_an_implausible_volume_and_unsure_voxels():
     record = _assess(data, np.eye(4), big, reference=REFERENCE)
     volume = [f["message"] for f in record["flags"] if f["code"] == "volume"]
     assert any(m.startswith("WM") for m in volume), record["flags"]
+    assert record["out_of_range"] == ["GM", "WM"]  # no GM left, too much WM
     unsure = _assess(data, np.eye(4), labels, reference=REFERENCE, top=np.full(labels.shape, 0.4))
     assert [f["code"] for f in unsure["flags"]] == ["unsure"]
     assert unsure["unsure_fraction"] == 1.0
@@ -417,8 +418,10 @@ def test_qc_page_puts_flagged_scans_first(tmp_path):
     }
     save_record(tmp_path / "qc", "a_clean", dict(base, flags=[]))
     flag = {"code": "volume", "message": "GM <big> mL"}
-    save_record(tmp_path / "qc", "z_flagged", dict(base, flags=[flag]))
+    save_record(tmp_path / "qc", "z_flagged", dict(base, flags=[flag, flag], out_of_range=["GM"]))
     page = write_page(tmp_path, "QC").read_text()
+    assert "volume x2</span>" in page  # one chip per kind of warning
+    assert '<td class="n bad">2.0</td>' in page and '<td class="n">2.0</td>' in page
     assert page.index(">z_flagged</td>") < page.index(">a_clean</td>")
     assert "GM &lt;big&gt; mL" in page and "<big>" not in page  # messages are escaped
     assert "<b>1</b> flagged" in page

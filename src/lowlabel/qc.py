@@ -129,6 +129,7 @@ def assess(
     volumes = {"CSF": row["csf_ml"], "GM": row["gm_ml"], "WM": row["wm_ml"]}
     volumes["brain"] = row["total_brain_ml"]
     flags = []
+    out_of_range: list[str] = []
     if decision.unstripped and not decision.stripped:
         flags.append(
             _flag(
@@ -167,6 +168,7 @@ def assess(
             lo_ok = lo - VOLUME_MARGIN * max(span, lo)
             hi_ok = hi + VOLUME_MARGIN * max(span, hi)
             if not lo_ok <= volumes[tissue] <= hi_ok:
+                out_of_range.append(tissue)
                 flags.append(
                     _flag(
                         "volume",
@@ -175,6 +177,7 @@ def assess(
                     )
                 )
     elif not BRAIN_ML[0] <= volumes["brain"] <= BRAIN_ML[1]:  # a bundle without a reference
+        out_of_range.append("brain")
         flags.append(
             _flag(
                 "volume",
@@ -199,6 +202,7 @@ def assess(
         "skull_strip": decision.summary,
         "head_ml": round(decision.head_ml, 1),
         "flags": flags,
+        "out_of_range": out_of_range,
     }
 
 
@@ -350,10 +354,10 @@ table{border-collapse:collapse;background:#fff;box-shadow:0 1px 2px #0002}
 th,td{padding:4px 8px;border-bottom:1px solid #e5e5e5;text-align:left;vertical-align:middle}
 th{background:#f0f0f0;cursor:pointer;user-select:none;position:sticky;top:0;white-space:nowrap}
 th:after{content:" \\2195";color:#aaa}td.n{text-align:right;font-variant-numeric:tabular-nums}
-tr.flagged{background:#fff7ed}td img{display:block;height:72px;border-radius:2px}
+tr.flagged{background:#fff7ed}td img{display:block;height:84px;border-radius:2px}
 .chip{display:inline-block;padding:1px 6px;margin:1px;border-radius:9px;font-size:12px;
 background:#fde68a;color:#78350f}.chip.skull,.chip.contrast{background:#fecaca;color:#7f1d1d}
-.ok{color:#15803d}.msg{font-size:12px;color:#444;max-width:28em}.scan{font-family:monospace}
+.ok{color:#15803d}td.bad{color:#b91c1c;font-weight:600}.msg{font-size:12px;color:#444;max-width:28em}.scan{font-family:monospace}
 input{margin:0 0 .8em;padding:3px 6px;width:20em}
 .key span{display:inline-block;width:10px;height:10px;margin:0 3px 0 10px;border-radius:2px}
 """
@@ -383,11 +387,16 @@ def write_page(out_dir: str | Path, title: str, model: str = "") -> Path:
     rows = []
     for r in records:
         v = r["volumes_ml"]
+        codes: dict[str, list[str]] = {}
+        for f in r["flags"]:
+            codes.setdefault(f["code"], []).append(f["message"])
         chips = "".join(
-            f'<span class="chip {f["code"]}" title="{html.escape(f["message"])}">'
-            f"{FLAG_NAMES.get(f['code'], f['code'])}</span>"
-            for f in r["flags"]
+            f'<span class="chip {code}" title="{html.escape("; ".join(messages))}">'
+            f"{FLAG_NAMES.get(code, code)}{f' x{len(messages)}' if len(messages) > 1 else ''}"
+            "</span>"
+            for code, messages in codes.items()
         )
+        bad = set(r.get("out_of_range", []))
         messages = "<br>".join(html.escape(f["message"]) for f in r["flags"])
         cells = [
             f'<td data-v="{r["key"]}"><a href="{html.escape(r["snapshot"])}">'
@@ -396,10 +405,14 @@ def write_page(out_dir: str | Path, title: str, model: str = "") -> Path:
             f'<td class="scan" title="{html.escape(r["scan"])}">{html.escape(r["key"])}</td>',
             f'<td data-v="{len(r["flags"])}">{chips or "<span class=ok>ok</span>"}'
             f'<div class="msg">{messages}</div></td>',
-            *(f'<td class="n">{v[k]:,.1f}</td>' for k in ("CSF", "GM", "WM", "brain")),
-            f'<td class="n" data-v="{r["unsure_fraction"]}">{100 * r["unsure_fraction"]:.1f}%</td>',
-            f'<td class="n" data-v="{max(r["voxel_mm"])}">'
-            f"{'x'.join(f'{z:g}' for z in r['voxel_mm'])}</td>",
+            *(
+                f'<td class="n{" bad" if k in bad else ""}">{v[k]:,.1f}</td>'
+                for k in ("CSF", "GM", "WM", "brain")
+            ),
+            f'<td class="n{" bad" if "unsure" in codes else ""}" '
+            f'data-v="{r["unsure_fraction"]}">{100 * r["unsure_fraction"]:.1f}%</td>',
+            f'<td class="n{" bad" if "voxel_size" in codes else ""}" '
+            f'data-v="{max(r["voxel_mm"])}">{"x".join(f"{z:g}" for z in r["voxel_mm"])}</td>',
             f"<td>{html.escape(r['skull_strip'])}</td>",
         ]
         cls = ' class="flagged"' if r["flags"] else ""
@@ -427,6 +440,8 @@ def write_page(out_dir: str | Path, title: str, model: str = "") -> Path:
         f'<span style="background:rgb{tuple(int(255 * c) for c in COLOURS[v])}"></span>{t}'
         for v, t in enumerate(TISSUES, start=1)
     )
+    tables = [n for n in ("volumes.tsv", "volumes.csv") if (out_dir / n).is_file()]
+    links = " ".join(f'<a href="{n}">{n}</a>' for n in tables)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{_CSS}</style></head><body>
@@ -434,7 +449,7 @@ def write_page(out_dir: str | Path, title: str, model: str = "") -> Path:
 <p class="sub">{html.escape(model)} Click a snapshot for the full-size image; click a column to
 sort. Brain = GM + WM. Unsure: brain voxels whose highest class probability is below
 {UNSURE_P:g}.<span class="key">{key}</span></p>
-<p class="sum">{summary}</p>
+<p class="sum">{summary}{f"<span>table: {links}</span>" if links else ""}</p>
 <input placeholder="filter: scan name or flag" aria-label="filter">
 <table><thead><tr>{thead}</tr></thead><tbody>
 {chr(10).join(rows)}
