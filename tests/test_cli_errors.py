@@ -139,6 +139,9 @@ def _cases() -> list[tuple[str, str]]:
     cases += [("export", k) for k in ("wrong_model", "damaged_checkpoint", "damaged_config")]
     cases += [("study", k) for k in ("missing", "bad_key", "bad_type", "impossible_budget")]
     cases += [("report", "wrong_model"), ("data demo", "impossible_budget")]
+    cases += [
+        ("bids", k) for k in ("missing_dataset", "corrupt", "truncated", "nan", "wrong_model")
+    ]
     return [c for c in cases if c[0].split()[0] in COMMANDS]
 
 
@@ -257,6 +260,20 @@ class World:
             ], named
         if command == "report":
             return ["report", str(self.good.parent)], str(self.good.parent)
+        if command == "bids":
+            ds = work / "bids"
+            argv = ["bids", str(ds), str(out), "participant", "--quiet"]
+            if kind == "missing_dataset":
+                return [*argv, "--model", str(self.bundle)], str(ds)
+            ds.mkdir()
+            (ds / "dataset_description.json").write_text('{"Name": "x", "BIDSVersion": "1.10.0"}')
+            t1w = ds / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+            t1w.parent.mkdir(parents=True)
+            if kind == "wrong_model":
+                shutil.copy(self.good.parent / "images" / "sub01.nii.gz", t1w)
+                return [*argv, "--model", str(self.run)], str(self.run)
+            shutil.copy(named, t1w)  # the defective scan, as a BIDS T1w
+            return [*argv, "--model", str(self.bundle)], str(t1w)
         raise AssertionError(command)
 
 

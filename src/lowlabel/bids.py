@@ -335,11 +335,6 @@ def participant(
     if not scans:
         raise LowlabelError(f"{bids_dir}: no T1w scans found (sub-*/[ses-*/]anat/*_T1w.nii[.gz])")
     torch.set_num_threads(threads or os.cpu_count() or 1)
-    write_json(out_dir / "dataset_description.json", dataset_description(bids_dir, bundle))
-    write_text(out_dir / "dseg.tsv", dseg_tsv())
-    write_json(out_dir / "dseg.json", {"Description": DSEG_DESCRIPTION})
-    write_text(out_dir / ".bidsignore", BIDSIGNORE)
-    write_text(out_dir / "README.md", README)
     pre = preprocess(bundle.cfg.data, keys=("image",))
     for scan in tqdm(scans, desc="participant", unit="scan", disable=not progress):
         entities = dict(scan.entities)
@@ -368,7 +363,12 @@ def participant(
             result.done.append(scan)
         except LowlabelError as err:
             result.errors.append(str(err))
-    if result.done:
+    if result.done:  # nothing at the top of the folder when no scan could be segmented
+        write_json(out_dir / "dataset_description.json", dataset_description(bids_dir, bundle))
+        write_text(out_dir / "dseg.tsv", dseg_tsv())
+        write_json(out_dir / "dseg.json", {"Description": DSEG_DESCRIPTION})
+        write_text(out_dir / ".bidsignore", BIDSIGNORE)
+        write_text(out_dir / "README.md", README)
         result.qc_html = write_page(out_dir, f"lowlabel QC: {bids_dir.name}", model_line(bundle))
     return result
 
