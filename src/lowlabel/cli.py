@@ -425,11 +425,11 @@ def bids(
     ] = None,
     participant_label: Annotated[
         list[str] | None,
-        typer.Option("--participant-label", help="Only these participants (repeatable)."),
+        typer.Option("--participant-label", help="Only these participants, e.g. 01 02."),
     ] = None,
     session_label: Annotated[
         list[str] | None,
-        typer.Option("--session-label", help="Only these sessions (repeatable)."),
+        typer.Option("--session-label", help="Only these sessions, e.g. pre post."),
     ] = None,
     probabilities: Annotated[
         bool, typer.Option("--probabilities", help="Also write _probseg maps per tissue.")
