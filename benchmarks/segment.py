@@ -10,7 +10,8 @@ field [0.2,1x1x1], 5 iterations, intensities clipped at the 99.9th percentile in
 segments the same scans, one process per scan; its classes are mapped to CSF, GM and WM by mean
 intensity. Dice per tissue is computed against the manual labels
 on each scan's own grid. Seconds are wall-clock per scan, peak RSS is the largest of the per-scan
-processes. Writes ``benchmarks/results/segment.json``.
+processes. Writes ``benchmarks/results/segment.json``; then ``benchmarks/segment_bids.py`` adds
+its ``bids``, ``monai_bundle`` and ``skull_strip`` keys (skip with ``--no-pipeline``).
 
 Setup (antspyx 0.6.3 pins older numpy and scipy, so it lives in its own virtual environment):
     python3 -m venv benchmarks/.venv-ants
@@ -198,6 +199,11 @@ def main() -> None:
         help="only time N more single-scan runs of the bundle made by the last "
         "full run (meant without nice) and add them to the JSON",
     )
+    parser.add_argument(
+        "--no-pipeline",
+        action="store_true",
+        help="skip the BIDS / MONAI bundle / skull-stripping part (benchmarks/segment_bids.py)",
+    )
     args = parser.parse_args()
     if args.atropos:
         atropos_worker(*args.atropos)
@@ -318,6 +324,15 @@ def main() -> None:
             {k: result[k] for k in ("n_scans", "lowlabel", "atropos", "lowlabel_batch")}, indent=1
         )
     )
+    if not args.no_pipeline:
+        # BIDS app, MONAI bundle and IXI skull stripping add their keys (segment_bids.py)
+        import segment_bids
+
+        sub = segment_bids.parser().parse_args(
+            ["--run-dir", str(run), "--out", str(args.out), "--threads", str(args.threads)]
+            + ["--model-note", run_source]
+        )
+        segment_bids.merge_into(args.out, segment_bids.run(sub))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ PRELOAD = (
     "lowlabel.engine.pretrain",
     "lowlabel.bundle",
     "lowlabel.segment",
+    "lowlabel.qc",
+    "lowlabel.bids",
     "lowlabel.study.runner",
     "lowlabel.study.report",
 )

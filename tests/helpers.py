@@ -228,6 +228,20 @@ class World:
             return ["report", str(self.good.parent)], str(self.good.parent)
         if command == "config":
             return ["config", *sets], named
+        if command == "bids":
+            ds = work / "bids"
+            argv = ["bids", str(ds), str(out), "participant", "--quiet"]
+            if kind == "missing_dataset":
+                return [*argv, "--model", str(self.bundle)], str(ds)
+            ds.mkdir()
+            (ds / "dataset_description.json").write_text('{"Name": "x", "BIDSVersion": "1.10.0"}')
+            t1w = ds / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+            t1w.parent.mkdir(parents=True)
+            if kind == "wrong_model":
+                shutil.copy(self.good.parent / "images" / "sub01.nii.gz", t1w)
+                return [*argv, "--model", str(self.run)], str(self.run)
+            shutil.copy(named, t1w)  # the defective scan, as a BIDS T1w
+            return [*argv, "--model", str(self.bundle)], str(t1w)
         raise AssertionError(command)
 
 

@@ -42,6 +42,9 @@ def _cases() -> list[tuple[str, str]]:
     cases += [("study", k) for k in ("missing", "bad_key", "bad_type", "impossible_budget")]
     cases += [("report", "wrong_model"), ("data demo", "impossible_budget")]
     cases += [("config", k) for k in ("bad_key", "bad_type")]
+    cases += [
+        ("bids", k) for k in ("missing_dataset", "corrupt", "truncated", "nan", "wrong_model")
+    ]
     return [c for c in cases if c[0].split()[0] in COMMANDS]
 
 

@@ -212,12 +212,19 @@ def test_segmentation_is_deterministic(world, tmp_path):
     a = segment(world.bundle, scans, tmp_path / "a", probabilities=True, progress=False, threads=1)
     b = segment(world.bundle, scans, tmp_path / "b", probabilities=True, progress=False, threads=1)
     assert a.errors == b.errors == [] and a.rows == b.rows
-    names = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "b").iterdir()) and len(names) >= 3
+    # every file, the QC snapshots and records in qc/ included
+    names = sorted(str(p.relative_to(tmp_path / "a")) for p in (tmp_path / "a").rglob("*"))
+    assert names == sorted(str(p.relative_to(tmp_path / "b")) for p in (tmp_path / "b").rglob("*"))
+    assert len(names) >= 3 and "qc.html" in names
     for name in names:
+        if (tmp_path / "a" / name).is_dir():
+            continue
         if name.endswith(".nii.gz"):  # compare voxels: gzip headers carry a time stamp
             va, vb = (nib.load(str(tmp_path / d / name)) for d in ("a", "b"))
             assert (va.get_fdata() == vb.get_fdata()).all() and (va.affine == vb.affine).all()
+        elif name == "qc.html":  # its title names the output folder
+            pa, pb = ((tmp_path / d / name).read_text() for d in ("a", "b"))
+            assert pa.replace("QC: a<", "QC: b<") == pb
         else:
             assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 

@@ -443,7 +443,8 @@ def test_2d_model_segments_volumes_and_refuses_single_slices(trained, tmp_path):
     from lowlabel.config import load_config
     from lowlabel.engine.loop import fit
     from lowlabel.errors import LowlabelError
-    from lowlabel.segment import check_scan, segment
+    from lowlabel.pipeline import check_scan
+    from lowlabel.segment import segment
 
     dataset = trained["root"] / "data" / "dataset.json"
     cfg = load_config(
@@ -506,6 +507,7 @@ def test_overlapped_reading_and_writing_give_the_same_outputs(bundle, tmp_path, 
     nothing: same files, same volumes, errors in input order; at most one scan read ahead."""
     import threading
 
+    from lowlabel import pipeline
     from lowlabel import segment as seg_mod
 
     scans = []
@@ -518,14 +520,14 @@ def test_overlapped_reading_and_writing_give_the_same_outputs(bundle, tmp_path, 
     plain = seg_mod.segment(bundle, inputs, tmp_path / "a", progress=False, overlap=False)
 
     threads, reads = set(), []
-    real_read = seg_mod.read_scan
+    real_read = pipeline.read_scan
 
-    def read(b, pre, path):
+    def read(b, pre, path, **kwargs):
         threads.add(threading.current_thread().name)
         reads.append(path)
-        return real_read(b, pre, path)
+        return real_read(b, pre, path, **kwargs)
 
-    monkeypatch.setattr(seg_mod, "read_scan", read)
+    monkeypatch.setattr(pipeline, "read_scan", read)
     over = seg_mod.segment(bundle, inputs, tmp_path / "b", progress=False, overlap=True)
     assert over.rows and [r["scan"] for r in over.rows] == [r["scan"] for r in plain.rows]
     assert over.rows == plain.rows

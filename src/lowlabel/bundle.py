@@ -97,6 +97,7 @@ def export(run_dir: str | Path, model_dir: str | Path, allow_unfinished: bool = 
     """
     from lowlabel.engine.runs import load_run
     from lowlabel.provenance import provenance
+    from lowlabel.qc import reference_for_run
 
     run_dir, model_dir = Path(run_dir), Path(model_dir)
     if model_dir.exists() and (not model_dir.is_dir() or any(model_dir.iterdir())):
@@ -140,6 +141,8 @@ def export(run_dir: str | Path, model_dir: str | Path, allow_unfinished: bool = 
                 k: trained.get(k) for k in ("lowlabel", "git_revision", "torch", "monai")
             },
         },
+        # what the model saw in training, for the QC warnings of lowlabel.qc
+        "qc_reference": reference_for_run(split, cfg.data.label_map),
         "exported_with": {
             k: v
             for k, v in provenance().items()

@@ -84,6 +84,13 @@ def _must_exist(path: str | Path | None, what: str) -> None:
 
 
 NO_DATASET = "dataset not found; give a dataset.json or a folder with images/ and labels/"
+SkullStripOpt = Annotated[
+    str,
+    typer.Option(
+        "--skull-strip",
+        help="auto (extract the brain of scans that still have their skull), yes or no.",
+    ),
+]
 
 
 def _load(config: Path | None, overrides: list[str] | None, extra: dict | None = None):
@@ -487,10 +494,32 @@ def export(
             help="Export the best weights so far of a run that has not finished.",
         ),
     ] = False,
+    format_: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="lowlabel (for 'lowlabel segment') or monai-bundle (MONAI Bundle specification).",
+        ),
+    ] = "lowlabel",
+    weights_license: Annotated[
+        str | None,
+        typer.Option(
+            "--weights-license",
+            help="monai-bundle: the weights' licence, an SPDX id (e.g. CC-BY-4.0) or a file.",
+        ),
+    ] = None,
 ) -> None:
     """Turn a finished run into a self-contained model bundle (safetensors weights, config,
-    provenance)."""
+    provenance), or into a MONAI bundle with --format monai-bundle."""
+    if format_ not in ("lowlabel", "monai-bundle"):
+        raise LowlabelError(f"--format: '{format_}' is not one of lowlabel, monai-bundle")
     _must_exist(run_dir, "run folder not found; give a folder that 'lowlabel train' wrote")
+    if format_ == "monai-bundle":
+        from lowlabel.monai_bundle import export_monai
+
+        path = export_monai(run_dir, out, weights_license, allow_unfinished=allow_unfinished)
+        typer.echo(f"wrote MONAI bundle {path}")
+        return
     from lowlabel.bundle import export as export_bundle
 
     typer.echo(f"wrote model bundle {export_bundle(run_dir, out, allow_unfinished)}")
@@ -504,10 +533,15 @@ def segment(
     probabilities: Annotated[
         bool, typer.Option("--probabilities", help="Also write one probability map per tissue.")
     ] = False,
+    skull_strip: SkullStripOpt = "auto",
+    no_qc: Annotated[
+        bool, typer.Option("--no-qc", help="Skip the QC snapshots and qc.html.")
+    ] = False,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Segment scans into CSF, GM and WM on each scan's own grid; tissue volumes in volumes.csv.
+    """Segment scans into CSF, GM and WM on each scan's own grid; tissue volumes in volumes.csv,
+    QC snapshots and warnings in qc.html.
 
     An existing volumes.csv in the output folder keeps its rows; a scan segmented again gets its
     row replaced.
@@ -526,6 +560,8 @@ def segment(
         out,
         probabilities=probabilities,
         progress=not quiet,
+        skull_strip=skull_strip,
+        qc=not no_qc,
         device=device or "auto",
     )
     if result.rows:
@@ -538,6 +574,73 @@ def segment(
         sys.exit(EXIT_USAGE)  # after the good scans are written; typer.Exit would be swallowed
 
 
+@app.command(short_help="BIDS App: T1w scans to BIDS derivatives, volumes, QC.")
+def bids(
+    bids_dir: Annotated[Path, typer.Argument(help="The BIDS dataset (its root folder).")],
+    output_dir: Annotated[Path, typer.Argument(help="Folder for the BIDS derivatives.")],
+    analysis_level: Annotated[str, typer.Argument(help="participant or group.")],
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="A model bundle (participant level)."),
+    ] = None,
+    participant_label: Annotated[
+        list[str] | None,
+        typer.Option("--participant-label", help="Only these participants, e.g. 01 02."),
+    ] = None,
+    session_label: Annotated[
+        list[str] | None,
+        typer.Option("--session-label", help="Only these sessions, e.g. pre post."),
+    ] = None,
+    probabilities: Annotated[
+        bool, typer.Option("--probabilities", help="Also write _probseg maps per tissue.")
+    ] = False,
+    skull_strip: SkullStripOpt = "auto",
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """BIDS App: segment T1w scans into derivatives (participant), then tabulate volumes (group).
+
+    lowlabel bids BIDS_DIR OUTPUT_DIR participant --model MODEL_DIR; then
+    lowlabel bids BIDS_DIR OUTPUT_DIR group. Both write qc.html.
+    """
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from lowlabel import bids as bids_app
+
+    if analysis_level == "group":
+        result = bids_app.group(bids_dir, output_dir)
+        typer.echo(f"volumes of all scans in {result.volumes_tsv}; QC page {result.qc_html}")
+        return
+    if analysis_level != "participant":
+        raise LowlabelError(
+            f"analysis level '{analysis_level}': give participant or group (BIDS-Apps convention)"
+        )
+    if model is None:
+        raise LowlabelError("--model: the participant level needs a model bundle folder")
+    result = bids_app.participant(
+        bids_dir,
+        output_dir,
+        model,
+        participants=participant_label,
+        sessions=session_label,
+        probabilities=probabilities,
+        skull_strip=skull_strip,
+        progress=not quiet,
+        device=device or "auto",
+    )
+    for line in result.skipped:
+        typer.echo(f"skipped: {line}", err=True)
+    if result.done:
+        typer.echo(
+            f"segmented {len(result.done)} scan(s) into {output_dir}; QC page {result.qc_html}"
+        )
+    for line in result.errors:
+        typer.echo(f"error: {line}", err=True)
+    if result.errors:
+        sys.exit(EXIT_USAGE)
+
+
 _WRITE_ERRNOS = {
     errno.ENOSPC,
     errno.EDQUOT,
@@ -548,6 +651,33 @@ _WRITE_ERRNOS = {
     errno.EEXIST,
     errno.EISDIR,
 }
+
+
+_BIDS_LISTS = ("--participant-label", "--session-label")
+
+
+def bids_argv(argv: list[str]) -> list[str]:
+    """BIDS Apps give several labels after one flag (``--participant-label 01 02``); typer takes a
+    repeated flag, so ``lowlabel bids`` spreads them out. Labels end at the next option or at an
+    analysis level.
+
+    Args:
+        argv: the command line without the program name.
+    """
+    if not argv or argv[0] != "bids":
+        return argv
+    out: list[str] = []
+    flag = None
+    for token in argv:
+        if token in _BIDS_LISTS:
+            flag = token
+            continue
+        if flag and not token.startswith("-") and token not in ("participant", "group"):
+            out += [flag, token]
+            continue
+        flag = None
+        out.append(token)
+    return out
 
 
 def _click_exception(name: str) -> tuple[type, ...]:
@@ -585,7 +715,7 @@ def main(args: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit status 2; Ctrl-C exits 130
     with a line that says how to continue."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = sys.argv[1:] if args is None else list(args)
+    args = bids_argv(sys.argv[1:] if args is None else list(args))
     try:
         code = app(args=args, prog_name=PROG, standalone_mode=False)
     except Interrupted as stop:

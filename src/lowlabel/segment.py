@@ -8,7 +8,6 @@ Volumes are voxel counts times the voxel volume of the input's affine.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import csv
 import io
 import logging
@@ -16,28 +15,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
-import torch
-
 from lowlabel.atomic import write_text
 from lowlabel.bundle import Bundle
 from lowlabel.bundle import load as load_bundle
-from lowlabel.data.io import TISSUES, quiet_nibabel, write_nifti
-from lowlabel.data.size import shortfall, world_extent
-from lowlabel.data.transforms import patch_shape
 from lowlabel.engine.runtime import set_threads
-from lowlabel.errors import LowlabelError, unwrap
+from lowlabel.errors import LowlabelError
+from lowlabel.pipeline import Job, plain_outputs, run_batch
+from lowlabel.skullstrip import extractor_for
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".nii.gz", ".nii")
-# Scans beyond these would not fit the 2 GB a segmentation may use (float32 input, 4-class
-# probabilities on the resampled and on the native grid).
-MAX_INPUT_VOXELS = 100_000_000
-MAX_GRID_VOXELS = 40_000_000
-# Voxels coarser than this many times the model's spacing leave too little for it to see.
-MAX_COARSER = 4.0
 VOLUME_COLUMNS = ("scan", "csf_ml", "gm_ml", "wm_ml", "total_brain_ml", "voxel_ml")
 
 
@@ -86,142 +74,6 @@ def expand_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
     return files, errors
 
 
-def check_scan(path: Path, bundle: Bundle) -> None:
-    """Refuse, from the header alone, a scan this model cannot take.
-
-    Unreadable files are left to the checked loader, which names the problem.
-
-    Raises:
-        LowlabelError: a 2D image, or a size or voxel spacing the model cannot take.
-    """
-    try:
-        with quiet_nibabel():
-            img = nib.load(str(path))
-            shape = tuple(int(s) for s in img.shape)
-            affine = np.asarray(img.affine, dtype=np.float64)
-    except Exception:  # the checked loader reports a corrupt file with its reason
-        return
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
-    if len(shape) > 3:
-        return  # the loader names 4D images
-    cfg = bundle.cfg
-    dims = "x".join(map(str, shape))
-    if len(shape) < 3 or min(shape) == 1:
-        if cfg.data.spatial_dims == 3:
-            raise LowlabelError(
-                f"{path}: a 2D image ({dims} voxels) but the model is 3D; give a 3D volume"
-            )
-        raise LowlabelError(
-            f"{path}: a single slice ({dims} voxels); give the whole volume "
-            "(the 2D model segments it slice by slice)"
-        )
-    if int(np.prod(shape)) > MAX_INPUT_VOXELS:
-        raise LowlabelError(f"{path}: {dims} voxels is too large to segment; crop or downsample it")
-    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    # which world axis (R, A, S) each voxel axis runs along, as the reorientation will see it
-    world = nib.orientations.io_orientation(affine)[:, 0].astype(int)
-    target = np.asarray(cfg.data.spacing, dtype=float)[world]
-    grid = np.asarray(shape) * zooms / target
-    # a 2D model convolves within axial (R-A) slices only; the S axis may be anything
-    seen = world != 2 if cfg.data.spatial_dims == 2 else np.ones(3, bool)
-    spacing = "x".join(f"{z:g}" for z in np.round(zooms, 2))
-    model_spacing = "x".join(f"{s:g}" for s in cfg.data.spacing)
-    coarse = seen & (zooms > MAX_COARSER * target)
-    if coarse.any():
-        raise LowlabelError(
-            f"{path}: voxels of {spacing} mm are too coarse for a model trained at "
-            f"{model_spacing} mm (at most {MAX_COARSER:g}x coarser); use a finer scan"
-        )
-    # the minimum-size rule, with the sliding window: at least half of it must be scan
-    d = cfg.data
-    extent = world_extent(shape, affine)
-    short = shortfall(extent, d.spacing, d.spatial_dims, cfg.model.levels, patch_shape(d))
-    if short is not None:
-        need = short[0]
-        raise LowlabelError(
-            f"{path}: {dims} voxels of {spacing} mm is too small for the model (at least {need} "
-            f"voxels of {model_spacing} mm along each axis); give the whole brain"
-        )
-    if float(np.prod(grid)) > MAX_GRID_VOXELS:
-        raise LowlabelError(
-            f"{path}: {dims} voxels of {spacing} mm covers too large a field "
-            f"({'x'.join(str(int(g)) for g in grid)} voxels at {model_spacing} mm); "
-            "check the voxel size in the header, or crop the scan"
-        )
-
-
-def read_scan(bundle: Bundle, pre, path: Path) -> dict:
-    """Check and preprocess one scan: ``{"image": (1, X, Y, Z)}`` on the model's grid.
-
-    Raises:
-        LowlabelError: the scan is unreadable or the model cannot take it.
-    """
-    check_scan(path, bundle)
-    return unwrap(pre, {"image": str(path)})
-
-
-def infer(bundle: Bundle, item: dict) -> torch.Tensor:
-    """Class probabilities ``(4, X, Y, Z)`` on the preprocessed grid (on the CPU), computed on
-    the device the bundle's model lives on."""
-    from lowlabel.engine.inference import predict_logits
-
-    return torch.softmax(predict_logits(bundle.model, item["image"], bundle.cfg), 0)
-
-
-def write_outputs(
-    pre, path: Path, item: dict, probs: torch.Tensor, out_dir: Path, probabilities: bool = False
-) -> dict:
-    """Take ``probs`` back onto the scan's own grid and write ``<name>_seg.nii.gz`` (and
-    probability maps) into ``out_dir``; returns the scan's row of ``volumes.csv``."""
-    from lowlabel.engine.evaluate import to_native
-
-    native = to_native(probs, item["image"], pre)
-    del probs, item
-    labels = native.argmax(0).to(torch.uint8).numpy()
-
-    ref = nib.load(str(path))
-    shape = tuple(ref.shape)
-    name = stem(path)
-    # the loader squeezed trailing singleton axes; the output keeps the input's exact shape
-    write_nifti(out_dir / f"{name}_seg.nii.gz", labels.reshape(shape), ref.affine, like=ref)
-    if probabilities:
-        for i, tissue in enumerate(TISSUES, start=1):
-            prob = native[i].numpy().astype(np.float32, copy=False).reshape(shape)
-            write_nifti(
-                out_dir / f"{name}_prob_{tissue.lower()}.nii.gz", prob, ref.affine, like=ref
-            )
-    voxel_ml = abs(float(np.linalg.det(np.asarray(ref.affine, dtype=np.float64)[:3, :3]))) / 1000.0
-    counts = np.bincount(labels.ravel(), minlength=4)
-    csf, gm, wm = (float(c) * voxel_ml for c in counts[1:4])
-    return {
-        "scan": str(path),
-        "csf_ml": csf,
-        "gm_ml": gm,
-        "wm_ml": wm,
-        "total_brain_ml": gm + wm,
-        "voxel_ml": voxel_ml,
-    }
-
-
-def segment_scan(
-    bundle: Bundle, pre, path: Path, out_dir: Path, probabilities: bool = False
-) -> dict:
-    """Segment one scan and write ``<name>_seg.nii.gz`` (and probability maps) into ``out_dir``.
-
-    Args:
-        pre: ``preprocess(bundle.cfg.data, keys=("image",))``, built once per batch.
-
-    Returns:
-        The scan's row of ``volumes.csv``.
-
-    Raises:
-        LowlabelError: the scan is unreadable or the model cannot take it.
-    """
-    item = read_scan(bundle, pre, path)
-    return write_outputs(pre, path, item, infer(bundle, item), out_dir, probabilities)
-
-
 def segment(
     model_dir: str | Path | Bundle,
     inputs: Sequence[str | Path],
@@ -232,6 +84,8 @@ def segment(
     threads: int = 0,
     device: str = "auto",
     overlap: bool | None = None,
+    skull_strip: str = "auto",
+    qc: bool = True,
 ) -> SegmentResult:
     """Segment scans with a bundle; one bad scan does not stop the others.
 
@@ -245,20 +99,23 @@ def segment(
         overlap: read the next scan and write the previous one in background threads while the
             network segments the current one; None does so on an accelerator, where the CPU
             is otherwise idle (on the CPU the three would compete for the same cores).
+        skull_strip: ``auto`` (extract the brain of scans that look unstripped), ``yes`` or
+            ``no``; masks go to ``<name>_brainmask.nii.gz`` (see :mod:`lowlabel.skullstrip`).
+        qc: write ``qc/`` (snapshots, per-scan QC records) and ``qc.html`` (see :mod:`lowlabel.qc`).
 
     Returns:
         The volume rows and one error line per input that could not be segmented.
 
     Raises:
         LowlabelError: the model folder is missing or not a bundle, a CUDA device is asked for
-            and there is none, or nothing can be written.
+            and there is none, an unknown ``skull_strip`` (or ``yes`` without deepbet), or
+            nothing can be written.
     """
-    from tqdm.auto import tqdm
-
     from lowlabel.data.transforms import preprocess
     from lowlabel.device import Placement
 
     place = Placement.of(device, key="--device")
+    extractor = extractor_for(skull_strip)
     bundle = model_dir if isinstance(model_dir, Bundle) else load_bundle(model_dir)
     bundle.model.to(place.device)
     overlap = place.device.type != "cpu" if overlap is None else overlap
@@ -292,50 +149,23 @@ def segment(
             continue
         names[name] = path
         todo.append(path)
-    # one reader ahead and one writer behind the network at most, so memory stays bounded
-    reader = cf.ThreadPoolExecutor(1, "segment-read") if overlap else None
-    writer = cf.ThreadPoolExecutor(1, "segment-write") if overlap else None
-
-    def run(pool, fn, *args) -> cf.Future:
-        if pool is not None:
-            return pool.submit(fn, *args)
-        done: cf.Future = cf.Future()
-        try:
-            done.set_result(fn(*args))
-        except LowlabelError as err:
-            done.set_exception(err)
-        return done
-
-    outcomes: list[cf.Future] = []
-    ahead: cf.Future | None = None  # the next scan's read, started before this one's inference
-    try:
-        for i, path in enumerate(
-            tqdm(todo, desc="segment", unit="scan", disable=not progress, dynamic_ncols=True)
-        ):
-            reading = ahead if ahead is not None else run(reader, read_scan, bundle, pre, path)
-            ahead = None
-            if reader is not None and i + 1 < len(todo):
-                ahead = run(reader, read_scan, bundle, pre, todo[i + 1])
-            if reading.exception() is not None:
-                outcomes.append(reading)  # reported in input order with the others
-                continue
-            item = reading.result()
-            probs = infer(bundle, item)
-            if outcomes and writer is not None:
-                outcomes[-1].exception()  # wait: one write in flight, not a queue of volumes
-            outcomes.append(
-                run(writer, write_outputs, pre, path, item, probs, out_dir, probabilities)
-            )
-            del item, probs, reading
-        for outcome in outcomes:
-            try:
-                result.rows.append(outcome.result())
-            except LowlabelError as err:
-                result.errors.append(str(err))
-    finally:
-        for pool in (reader, writer):
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+    outcomes = run_batch(
+        bundle,
+        pre,
+        [Job(path, plain_outputs(out_dir, stem(path))) for path in todo],
+        overlap=overlap,
+        probabilities=probabilities,
+        skull_strip=skull_strip,
+        extractor=extractor,
+        qc=qc,
+        reference=bundle.info.get("qc_reference"),
+        progress=progress,
+    )
+    for outcome in outcomes:
+        if isinstance(outcome, LowlabelError):
+            result.errors.append(str(outcome))
+        else:
+            result.rows.append(outcome[0])
     if result.rows:
         # keep the rows of earlier calls into this folder, whose label maps are still there, so
         # that volumes.csv matches the folder; a scan segmented again (same output name) gets
@@ -343,7 +173,21 @@ def segment(
         new = {stem(Path(r["scan"])): r for r in result.rows}
         rows = [new.pop(stem(Path(r["scan"])), r) for r in earlier] + list(new.values())
         write_text(result.volumes_csv, volumes_csv(rows))
+        if qc:  # the page lists every scan with a QC record in the folder, earlier ones too
+            from lowlabel.qc import write_page
+
+            write_page(out_dir, f"lowlabel QC: {out_dir.name}", model_line(bundle))
     return result
+
+
+def model_line(bundle: Bundle) -> str:
+    """The model in one sentence, for the QC page."""
+    prov = bundle.info.get("provenance", {})
+    spacing = "x".join(f"{s:g}" for s in bundle.cfg.data.spacing)
+    return (
+        f"Model {bundle.path.name} ({prov.get('run_name') or 'run'}, "
+        f"{prov.get('dataset', 'unknown data')}, {spacing} mm)."
+    )
 
 
 def volumes_csv(rows: list[dict]) -> str:
