@@ -519,3 +519,52 @@ def test_deepbet_on_a_raw_ixi_scan_matches_the_reference_mask():
     ref = np.asarray(nib.load(str(IXI / "IXI012-HH-1211_brainmask.nii.gz")).dataobj) > 0
     dice = 2 * (mask & ref).sum() / (mask.sum() + ref.sum())
     assert dice > 0.95
+
+
+def test_participant_overlapped_gives_the_same_derivatives(model, tmp_path, monkeypatch):
+    """The BIDS App runs the stages of ``segment``: with reading (brain extraction included) and
+    writing (files, sidecars, QC) in threads, as on a GPU, every derivative is the same."""
+    import threading
+
+    from lowlabel import pipeline, skullstrip
+    from lowlabel.bids import participant
+
+    monkeypatch.setattr(skullstrip, "BrainExtractor", FakeExtractor)
+    ds = make_bids(tmp_path / "ds")
+    plain = participant(ds, tmp_path / "a", model, skull_strip="yes", progress=False, overlap=False)
+    threads: set[str] = set()
+    real_read = pipeline.read_scan
+
+    def read(*args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "read_scan", read)
+    over = participant(ds, tmp_path / "b", model, skull_strip="yes", progress=False, overlap=True)
+    assert threads and all(t.startswith("participant-read") for t in threads)
+    assert over.errors == plain.errors == [] and over.done == plain.done and len(over.done) == 3
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.*"))
+    assert files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.*"))
+    masks = [f for f in files if f.name.endswith("_desc-brain_mask.json")]
+    assert len(masks) == 3  # the sidecars are written in the write stage too
+    for f in files:
+        a, b = tmp_path / "a" / f, tmp_path / "b" / f
+        if f.name.endswith(".nii.gz"):
+            assert np.array_equal(np.asarray(nib.load(str(a)).dataobj), nib.load(str(b)).dataobj)
+        elif f.suffix in (".json", ".tsv"):
+            assert a.read_text() == b.read_text(), f
+
+
+def test_segment_into_a_used_folder_keeps_earlier_scans_in_table_and_qc_page(model, tmp_path):
+    from lowlabel.segment import segment
+
+    first = t1w(tmp_path / "in1" / "first.nii.gz", 0)
+    second = t1w(tmp_path / "in2" / "second.nii.gz", 1)
+    out = tmp_path / "out"
+    assert segment(model, [first], out, skull_strip="no", progress=False).errors == []
+    result = segment(model, [second], out, skull_strip="no", progress=False)
+    assert [r["scan"] for r in result.rows] == [str(second)]
+    table = (out / "volumes.csv").read_text()
+    assert str(first) in table and str(second) in table
+    page = (out / "qc.html").read_text()
+    assert ">first</td>" in page and ">second</td>" in page

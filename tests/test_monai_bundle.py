@@ -151,3 +151,19 @@ def test_cli_monai_bundle_needs_a_licence_and_is_not_a_lowlabel_model(
     scan = write(tmp_path / "s.nii.gz", phantom()[0], np.eye(4))
     code, err = cli(["segment", tmp_path / "mb", scan, "-o", tmp_path / "o"])
     assert code == 2 and "not a lowlabel model folder" in err
+
+
+def test_monai_bundle_of_an_unfinished_run_needs_allow_unfinished(run_dir, tmp_path):
+    import shutil
+
+    from lowlabel.errors import LowlabelError
+    from lowlabel.monai_bundle import export_monai
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "result.json").unlink()
+    with pytest.raises(LowlabelError, match="unfinished.*--allow-unfinished"):
+        export_monai(run, tmp_path / "mb", "CC-BY-4.0")
+    assert not (tmp_path / "mb").exists() and list(tmp_path.glob(".mb.*")) == []
+    out = export_monai(run, tmp_path / "mb", "CC-BY-4.0", allow_unfinished=True)
+    assert (out / "models" / "model.pt").is_file()
