@@ -11,13 +11,20 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import write_study
 
 from lowlabel.config import run_dir
 from lowlabel.errors import LowlabelError
 from lowlabel.study import spec as study_spec
-from lowlabel.study.stats import paired, summarize
+from lowlabel.study.stats import (
+    difference_range,
+    metric_range,
+    multiple_comparisons_note,
+    paired,
+    summarize,
+)
 
 # Smoke settings for a shipped study on the tiny phantoms: 2 steps per run, 1 mm, one seed.
 SMOKE = {
@@ -173,13 +180,72 @@ def test_paired_difference_and_verdict():
     d = paired("a vs b", "mean_dice", a, b)
     assert d.pairs == ["0", "1", "2", "3"] and d.diff.n == 4
     assert d.diff.mean == pytest.approx(0.1025)
-    assert d.diff.ci_low > 0 and d.verdict.startswith("holds")
+    assert d.diff.ci_low > 0 and d.decision == "holds" and d.verdict.startswith("holds")
     noisy = paired(
         "x", "mean_dice", {"0": 0.8, "1": 0.7, "2": 0.9}, {"0": 0.75, "1": 0.8, "2": 0.85}
     )
     assert noisy.diff.ci_low < 0 < noisy.diff.ci_high
-    assert noisy.verdict.startswith("within noise")
-    assert "no conclusion" in paired("y", "m", {"0": 1.0}, {"0": 0.0}).verdict
+    assert noisy.decision == "undecided" and noisy.verdict.startswith("undecided")
+    one = paired("y", "m", {"0": 1.0}, {"0": 0.0})
+    assert one.decision == "too few seeds" and "too few seeds" in one.verdict
+
+
+def _constructed(diffs: list[float], base: float = 0.8) -> dict:
+    """Two sides whose paired differences are exactly ``diffs``."""
+    b = {str(i): base + 0.01 * (i % 3) for i in range(len(diffs))}
+    return {"a": {k: v + d for (k, v), d in zip(b.items(), diffs, strict=True)}, "b": b}
+
+
+@pytest.mark.parametrize(
+    ("diffs", "decision"),
+    [
+        ([0.030, 0.032, 0.028, 0.031, 0.029], "holds"),  # clearly above 0
+        ([-0.05, -0.06, -0.04, -0.055, -0.045], "holds"),  # clearly below 0
+        ([0.001, -0.002, 0.0015, -0.001, 0.0005], "equivalent"),  # tiny, CI inside ±0.01
+        ([0.05, -0.04, 0.03, -0.06, 0.01], "undecided"),  # CI contains 0, reaches past ±0.01
+        ([0.0, 0.0, 0.0, 0.0, 0.0], "identical"),  # the same runs on both sides
+        ([0.03, 0.031], "too few seeds"),  # 2 pairs: no decision, whatever the values
+    ],
+)
+def test_decision_rule_on_constructed_differences(diffs, decision):
+    sides = _constructed(diffs)
+    d = paired("c", "mean_dice", sides["a"], sides["b"])
+    assert d.diff.mean == pytest.approx(float(np.mean(diffs)))
+    assert d.decision == decision
+    assert d.verdict.startswith(decision)
+    assert d.decided == (decision in ("holds", "equivalent"))
+    if decision in ("holds", "equivalent", "undecided"):
+        assert f"{d.diff.ci_low:+.3f}" in d.verdict and f"{d.diff.ci_high:+.3f}" in d.verdict
+
+
+def test_equivalence_needs_the_whole_interval_inside_the_margin():
+    # mean difference 0.004, well inside ±0.01, but too noisy: the CI leaves the margin
+    d = paired("c", "mean_dice", **_constructed([0.02, -0.012, 0.015, -0.008, 0.005]))
+    assert abs(d.diff.mean) < 0.01 and d.diff.ci_high > 0.01 and d.decision == "undecided"
+    wide = paired("c", "mean_dice", **_constructed([0.001, -0.001, 0.002]), margin=0.0005)
+    assert wide.decision == "undecided"
+
+
+def test_intervals_stay_in_the_metric_range():
+    # two seeds near 1: a plain t interval would run far above 1
+    dice = summarize([0.97, 0.99], bounds=metric_range("mean_dice"))
+    assert 0.0 <= dice.ci_low < dice.mean < dice.ci_high == 1.0
+    loss = summarize([0.01, 0.2], bounds=metric_range("test_loss"))
+    assert loss.ci_low == 0.0
+    d = paired("c", "mean_dice", {"0": 0.99, "1": 0.05}, {"0": 0.01, "1": 0.95})
+    assert -1.0 <= d.diff.ci_low and d.diff.ci_high <= 1.0
+    assert metric_range("dice_csf") == (0.0, 1.0) and metric_range("val_mse")[0] == 0.0
+    assert difference_range("mean_dice") == (-1.0, 1.0)
+
+
+def test_multiple_comparisons_note_counts_the_intervals():
+    holds = paired("big", "mean_dice", **_constructed([0.10, 0.11, 0.09, 0.10, 0.12]))
+    noise = paired("noise", "mean_dice", **_constructed([0.05, -0.04, 0.03, -0.06, 0.01]))
+    same = paired("same", "mean_dice", **_constructed([0.0] * 5))
+    note = multiple_comparisons_note([holds, noise, same])
+    assert "2 intervals" in note and "Bonferroni" in note and "big" in note
+    assert "noise" not in note.split("hold")[-1]
+    assert multiple_comparisons_note([holds]) == ""
 
 
 # ---------------------------------------------------------------------------------------------

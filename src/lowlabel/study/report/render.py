@@ -19,7 +19,13 @@ from lowlabel.study.report.tables import (
     runs_csv,
     train_table,
 )
-from lowlabel.study.stats import Difference
+from lowlabel.study.stats import (
+    DECISIONS,
+    MARGIN,
+    MIN_SEEDS,
+    Difference,
+    multiple_comparisons_note,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,18 +150,23 @@ def build_report(study_dir: str | Path, overlays_on: bool = True) -> Path:
 
 
 def _summary_words(diffs: list[Difference]) -> str:
-    holds = [d.name for d in diffs if d.diff.n >= 2 and not d.diff.ci_low <= 0 <= d.diff.ci_high]
-    noise = [d.name for d in diffs if d.diff.n >= 2 and d.diff.ci_low <= 0 <= d.diff.ci_high]
-    few = [d.name for d in diffs if d.diff.n < 2]
-    parts = []
-    if holds:
-        parts.append("Differences that hold (95% CI excludes 0): " + "; ".join(holds) + ".")
-    if noise:
-        parts.append(
-            "Within noise (95% CI contains 0), so no conclusion: " + "; ".join(noise) + "."
-        )
-    if few:
-        parts.append("Too few paired seeds for an interval: " + "; ".join(few) + ".")
+    groups: dict[str, list[str]] = {k: [] for k in DECISIONS}
+    for d in diffs:
+        groups[d.decision].append(d.name)
+    words = {
+        "holds": "Differences that hold (95% CI excludes 0)",
+        "equivalent": f"Equivalent (95% CI inside ±{MARGIN:g})",
+        "undecided": f"Undecided (CI contains 0 but reaches beyond ±{MARGIN:g}; more seeds needed)",
+        "identical": "Identical runs on both sides (nothing to estimate)",
+        "too few seeds": f"Too few paired seeds for a decision (fewer than {MIN_SEEDS})",
+    }
+    parts = [f"{words[k]}: " + "; ".join(v) + "." for k, v in groups.items() if v]
+    decided = len(groups["holds"]) + len(groups["equivalent"])
+    if diffs:
+        parts.insert(0, f"{decided} of {len(diffs)} comparisons decided.")
+    note = multiple_comparisons_note(diffs)
+    if note:
+        parts.append(note)
     return " ".join(parts) or "No comparisons could be made yet."
 
 

@@ -10,7 +10,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from lowlabel.study.report.runs import PRETRAIN_COLUMNS, TRAIN_COLUMNS, Run
-from lowlabel.study.stats import Difference, Summary, paired, summarize
+from lowlabel.study.stats import Difference, Summary, metric_range, paired, summarize
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,11 @@ def train_table(plan: dict, runs: list[Run], name: str) -> Table:
         digits = {"steps": 0, "best_step": 0}
         cells = [labels[a] for a in axes]
         for metric in metrics:
-            cells.append(summarize(r.value(metric) for r in done).text(digits.get(metric, 3)))
+            cells.append(
+                summarize((r.value(metric) for r in done), bounds=metric_range(metric)).text(
+                    digits.get(metric, 3)
+                )
+            )
         cells.append(f"{sum(bool(r.result.get('stopped_early')) for r in done)}/{len(done)}")
         cells.append(f"{len(done)}/{len(group)}")
         rows.append(cells)
@@ -93,7 +97,8 @@ def pretrain_table(plan: dict, runs: list[Run], name: str) -> Table:
         found = [f for f in found if f is not None and f.get("step") == step]
         cells = [str(step)]
         for key in PRETRAIN_COLUMNS:
-            cells.append(summarize(float(f.get(key, float("nan"))) for f in found).text(4))
+            values = (float(f.get(key, float("nan"))) for f in found)
+            cells.append(summarize(values, bounds=metric_range(key)).text(4))
         cells.append(f"{len(found)}/{len(group)}")
         rows.append(cells)
     return Table(
@@ -127,13 +132,22 @@ def comparisons(plan: dict, runs: list[Run]) -> list[Difference]:
 
 def comparison_table(diffs: list[Difference]) -> Table:
     rows = [
-        [d.name, d.metric, d.a.text(), d.b.text(), d.diff.text(), str(d.diff.n), d.verdict]
+        [
+            d.name,
+            d.metric,
+            d.a.text(),
+            d.b.text(),
+            d.interval(),
+            str(d.diff.n),
+            d.decision,
+            d.verdict,
+        ]
         for d in diffs
     ]
     return Table(
         "comparisons",
         "Paired differences (a - b, paired by seed)",
-        ["Comparison", "Metric", "a", "b", "a - b", "Pairs", "Conclusion"],
+        ["Comparison", "Metric", "a", "b", "a - b [95% CI]", "Pairs", "Decision", "In words"],
         rows,
     )
 
