@@ -105,6 +105,10 @@ def test_profile_scales_steps(tmp_path):
         ),
         ({"profiles": {"fast": {}}}, "unknown profile 'fast'"),
         ({"comparisons": [{"table": "grid", "a": {"depth": "9"}, "b": {}}]}, "has no level '9'"),
+        (
+            {"comparisons": [{"table": "grid", "a": {}, "b": {}, "expect": "better"}]},
+            "expect: 'better' is not one of higher, lower, same",
+        ),
     ],
 )
 def test_bad_study_is_refused_before_running(tmp_path, tiny_dataset, change, message):
@@ -246,6 +250,55 @@ def test_multiple_comparisons_note_counts_the_intervals():
     assert "2 intervals" in note and "Bonferroni" in note and "big" in note
     assert "noise" not in note.split("hold")[-1]
     assert multiple_comparisons_note([holds]) == ""
+
+
+def _fake_runs(plan: dict, effect: dict[str, float]) -> list:
+    """Finished runs for every cell of ``plan``: test mean Dice 0.8 + ``effect`` of the first
+    axis level that has one + a per-seed shift shared by all cells (so pairs are tight)."""
+    from lowlabel.study.report.runs import Run
+
+    runs = []
+    for cell in plan["cells"]:
+        levels = [v for lab in cell["labels"].values() for v in lab.values()]
+        bump = next((effect[v] for v in levels if v in effect), 0.0)
+        dice = 0.8 + bump + 0.01 * cell["seed"] + 0.0005 * (cell["seed"] % 2) * bool(bump)
+        result = {"test": {"mean_dice": dice}, "steps": 10, "best_step": 5, "n_labelled": 3}
+        metrics = [{"step": s, "val_mse": 1.0 / s + 0.001 * cell["seed"]} for s in (1, 2, 3, 5)]
+        folder = Path(cell["run_dir"]) if cell.get("run_dir") else None
+        runs.append(
+            Run(cell["key"], cell["kind"], cell["seed"], cell["labels"], folder, result, metrics)
+        )
+    return runs
+
+
+def test_claims_table_has_a_row_for_every_comparison_of_the_shipped_study(tmp_path):
+    from lowlabel.study.report.tables import NOT_CLAIMED, claims_table, comparisons
+
+    study = study_spec.load_study("seed")
+    cells = study_spec.expand(study, "quick", None, tmp_path / "st", seeds=[0, 1, 2, 3, 4])
+    plan = json.loads(study_spec.plan_json(study, "quick", cells))
+    plan["steps"] = {t: [1, 5] for t in plan["steps"]}
+    # full data clearly better, residual units clearly worse; the rest identical
+    runs = _fake_runs(plan, {"full": 0.06, "5-level res5 p5": -0.03})
+    diffs = comparisons(plan, runs)
+    table = claims_table(plan, runs, diffs)
+    compared = [row[1] for row in table.rows]
+    for comp in study.comparisons:
+        assert sum(c.startswith(comp["name"] + " (") for c in compared) == 1, comp["name"]
+        row = next(r for r in table.rows if r[1].startswith(comp["name"] + " ("))
+        assert row[0] == comp.get("claim", NOT_CLAIMED)
+    claims = {c.get("claim") for c in study.comparisons} - {None}
+    assert claims | {study.tables["2a"]["claim"]} <= {row[0] for row in table.rows}
+    assert len(table.rows) == len(study.comparisons) + 1  # + the autoencoder's reconstruction
+    by_name = {row[1].rsplit(" (", 1)[0]: row for row in table.rows}
+    full = by_name["full vs low data, 3-level"]
+    assert full[3] == "holds" and full[4].startswith("agrees: higher by 0.060")
+    res = by_name["residual units (5-level res5 p5 vs 5-level), low data"]
+    assert res[3] == "holds" and res[4].startswith("contradicts")
+    same = by_name["autoencoder fine-tuned vs scratch"]
+    assert same[3] == "identical" and same[4].startswith("cannot tell")
+    recon = next(r for r in table.rows if r[0] == study.tables["2a"]["claim"])
+    assert recon[3] == "holds" and recon[4].startswith("agrees: lower")
 
 
 # ---------------------------------------------------------------------------------------------

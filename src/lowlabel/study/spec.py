@@ -41,6 +41,8 @@ _TOP_KEYS = {
     "tables",
     "comparisons",
 }
+EXPECT = ("higher", "lower", "same")
+"""What a comparison's ``claim`` says of ``a - b``."""
 _REF = re.compile(r"^@([\w.-]+)(?::(\d+))?$")
 
 
@@ -219,11 +221,13 @@ def _check_schema(study: Study) -> None:
         raise LowlabelError(f"{p}: a study needs at least one entry under 'tables'")
     for tname, table in study.tables.items():
         where = f"{p}: tables.{tname}"
-        bad = sorted(set(table) - {"title", "axes", "set", "pretraining", "steps", "metrics"})
+        bad = sorted(
+            set(table) - {"title", "axes", "set", "pretraining", "steps", "metrics", "claim"}
+        )
         if bad:
             raise LowlabelError(
                 f"{where}: unknown key '{bad[0]}' "
-                "(known: title, axes, set, pretraining, steps, metrics)"
+                "(known: title, axes, set, pretraining, steps, metrics, claim)"
             )
         if "pretraining" in table:
             if table["pretraining"] not in study.pretraining:
@@ -251,6 +255,10 @@ def _check_schema(study: Study) -> None:
         for key in ("table", "a", "b"):
             if key not in comp:
                 raise LowlabelError(f"{where}: missing '{key}' (needs name, table, a, b)")
+        if comp.get("expect", "higher") not in EXPECT:
+            raise LowlabelError(
+                f"{where}.expect: '{comp['expect']}' is not one of {', '.join(EXPECT)}"
+            )
         table = study.tables.get(str(comp["table"]))
         if table is None or "pretraining" in table:
             raise LowlabelError(f"{where}: '{comp['table']}' is not a training table of this study")

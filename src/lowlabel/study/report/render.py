@@ -12,6 +12,7 @@ from lowlabel.study.report.figures import dice_vs_labels, learning_curves, overl
 from lowlabel.study.report.runs import load_runs
 from lowlabel.study.report.tables import (
     Table,
+    claims_table,
     comparison_table,
     comparisons,
     pretrain_runs,
@@ -71,6 +72,12 @@ def build_report(study_dir: str | Path, overlays_on: bool = True) -> Path:
             "runs.csv. Study file: study.yaml; expanded plan: plan.json.",
         )
     )
+    diffs = comparisons(plan, runs)
+    if diffs:
+        claims = claims_table(plan, runs, diffs)
+        blocks.append(("h2", claims.title))
+        blocks.append(("table", claims))
+        blocks.append(("p", claims.note))
     pre_done = False
     for name, spec in plan["tables"].items():
         if "pretraining" in spec:
@@ -111,7 +118,6 @@ def build_report(study_dir: str | Path, overlays_on: bool = True) -> Path:
     if path:
         blocks.append(("h2", "Dice against the number of labelled subjects"))
         blocks.append(("img", (path, "Test mean Dice against labelled subjects")))
-    diffs = comparisons(plan, runs)
     if diffs:
         blocks.append(("h2", "Which differences hold"))
         blocks.append(("table", comparison_table(diffs)))

@@ -152,6 +152,88 @@ def comparison_table(diffs: list[Difference]) -> Table:
     )
 
 
+NOT_CLAIMED = "(not a claim of the original; a check lowlabel adds)"
+
+
+def answer(diff: Difference, expect: str) -> str:
+    """lowlabel's answer to a claim, in words, from the decision on its comparison.
+
+    Args:
+        diff: the paired difference ``a - b`` the claim rests on.
+        expect: the sign of ``a - b`` that agrees with the claim: higher, lower or same.
+    """
+    decision, mean = diff.decision, diff.diff.mean
+    if diff.diff.n == 0:
+        return "not measured yet"
+    if decision == "too few seeds":
+        return f"cannot tell: {diff.diff.n} paired seed(s) are too few for a decision"
+    if decision == "identical":
+        return "cannot tell: the runs on both sides were identical"
+    if decision == "undecided":
+        return f"open: the CI contains 0 and reaches beyond ±{diff.margin:g}; more seeds needed"
+    if decision == "equivalent":
+        if expect == "same":
+            return f"agrees: equivalent within ±{diff.margin:g}"
+        return f"disagrees: no difference beyond ±{diff.margin:g}"
+    direction = "higher" if mean > 0 else "lower"
+    if expect == "same":
+        return f"disagrees: a real difference ({direction} by {abs(mean):.3f})"
+    if direction == expect:
+        return f"agrees: {direction} by {abs(mean):.3f}"
+    return f"contradicts: {direction} by {abs(mean):.3f}, the opposite direction"
+
+
+def pretrain_claims(plan: dict, runs: list[Run]) -> list[tuple[str, Difference, str]]:
+    """The claims on pretraining tables: validation loss (MSE) at the last saved step against
+    the first, paired by seed; a claim that training improves reconstruction expects lower."""
+    out = []
+    for name, spec in plan["tables"].items():
+        if "pretraining" not in spec or not spec.get("claim"):
+            continue
+        steps = plan.get("steps", {}).get(name, [])
+        if len(steps) < 2:
+            continue
+        first, last = {}, {}
+        for run in pretrain_runs(runs, plan, name):
+            for step, side in ((steps[0], first), (steps[-1], last)):
+                row = _row_at(run.metrics, step)
+                if row is not None and row.get("step") == step and "val_mse" in row:
+                    side[str(run.seed)] = float(row["val_mse"])
+        diff = paired(f"{name}: val MSE at step {steps[-1]} vs {steps[0]}", "val_mse", last, first)
+        out.append((str(spec["claim"]), diff, "lower"))
+    return out
+
+
+def claims_table(plan: dict, runs: list[Run], diffs: list[Difference]) -> Table:
+    """Each claim of the original study next to lowlabel's answer: one row per comparison of
+    the study (claimed ones first) and one per pretraining table with a claim."""
+    specs = plan.get("comparisons", [])
+    rows = []
+    claimed = [(c, d) for c, d in zip(specs, diffs, strict=True) if c.get("claim")]
+    for comp, diff in claimed:
+        rows.append((str(comp["claim"]), diff, comp.get("expect", "higher")))
+    rows += pretrain_claims(plan, runs)
+    rows += [(NOT_CLAIMED, d, "") for c, d in zip(specs, diffs, strict=True) if not c.get("claim")]
+    return Table(
+        "claims",
+        "The original study's claims, answered",
+        ["The original found", "lowlabel compares", "a - b [95% CI]", "Decision", "Answer"],
+        [
+            [
+                claim,
+                f"{d.name} ({d.metric})",
+                d.interval(),
+                d.decision,
+                answer(d, expect) if expect else d.decision,
+            ]
+            for claim, d, expect in rows
+        ],
+        "The original's figures are single runs on other data; lowlabel's are paired differences "
+        "over seeds on this study's data. Decision: holds (95% CI excludes 0), equivalent (CI "
+        "inside ±0.01), undecided (neither), identical (nothing differed), too few seeds.",
+    )
+
+
 def _fmt(summary: Summary) -> str:
     return summary.text()
 
