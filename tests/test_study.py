@@ -301,6 +301,41 @@ def test_claims_table_has_a_row_for_every_comparison_of_the_shipped_study(tmp_pa
     assert recon[3] == "holds" and recon[4].startswith("agrees: lower")
 
 
+def test_time_left_from_seconds_per_step_of_finished_runs():
+    from lowlabel.study.runner import duration, estimate_left
+
+    done = [("train", 100, 10.0), ("train", 50, 5.0), ("pretrain", 200, 40.0)]
+    # train: 0.1 s/step, pretrain 0.2 s/step; 4 train runs of 100 steps on 2 workers
+    assert estimate_left(done, [("train", 100)] * 4, jobs=2) == pytest.approx(20.0)
+    assert estimate_left(done, [("pretrain", 300)], jobs=2) == pytest.approx(60.0)  # one run
+    # a kind not seen yet takes the overall rate: 55 s / 350 steps
+    assert estimate_left(done[:1], [("pretrain", 35)], jobs=1) == pytest.approx(3.5)
+    assert estimate_left(done, [], jobs=2) == 0.0
+    assert estimate_left([], [("train", 10)], jobs=2) is None
+    assert duration(None).startswith("unknown") and duration(42) == "42 s"
+    assert duration(250) == "4 min 10 s" and duration(3900) == "1 h 05 min"
+
+
+def test_local_workers_size_every_thread_pool_like_ray(monkeypatch):
+    """A local worker starts with OMP/MKL/OpenBLAS threads = its torch threads (Ray's
+    OMP_NUM_THREADS), so its libraries and its loader processes do not spin on every core; the
+    study's own environment is left as it was, and a value the user set is kept."""
+    import os
+
+    from lowlabel.study.runner import THREAD_ENV, LocalBackend
+
+    for key in THREAD_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")
+    backend = LocalBackend(jobs=1, threads=1)
+    try:
+        seen = [backend.call(os.getenv, key).result(timeout=120) for key in THREAD_ENV]
+    finally:
+        backend.close()
+    assert seen == ["1", "3", "1"]
+    assert "OMP_NUM_THREADS" not in os.environ and os.environ["MKL_NUM_THREADS"] == "3"
+
+
 # ---------------------------------------------------------------------------------------------
 # running
 
@@ -381,7 +416,7 @@ def test_every_cell_of_a_shipped_study_expands_and_checks(name, tmp_path, tiny_d
 
 @pytest.mark.parametrize("name", sorted(study_spec.builtin_studies()))
 def test_shipped_study_smoke_run_then_rerun_finishes_only_missing(
-    name, tmp_path, tiny_dataset, monkeypatch, capsys
+    name, tmp_path, tiny_dataset, monkeypatch, capsys, caplog
 ):
     """A shipped study, cut to one cell per kind, runs 2 steps per cell on the tiny phantoms; a
     rerun after damage redoes exactly the damaged runs, and the report lists every run once."""
@@ -438,6 +473,7 @@ def test_shipped_study_smoke_run_then_rerun_finishes_only_missing(
         for f in folders
         if f not in (interrupted, missing)
     }
+    caplog.set_level("INFO", logger="lowlabel.study.runner")
     second = run_study(
         study,
         "quick",
@@ -450,6 +486,10 @@ def test_shipped_study_smoke_run_then_rerun_finishes_only_missing(
         report=False,
     )
     assert second.ran == 2 and second.skipped == first.runs - 2 and second.failed == {}
+    # before it started, the rerun said what it would do and how long that would take
+    head = next(r.getMessage() for r in caplog.records if "estimated time left" in r.getMessage())
+    assert f"{first.runs} runs, {first.runs - 2} done, 2 to run" in head
+    assert "unknown" not in head and head.rstrip().endswith(" s")
     assert all((f / "result.json").stat().st_mtime_ns == t for f, t in untouched.items())
     assert (interrupted / "result.json").exists() and (missing / "result.json").exists()
 
