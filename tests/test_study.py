@@ -301,6 +301,39 @@ def test_claims_table_has_a_row_for_every_comparison_of_the_shipped_study(tmp_pa
     assert recon[3] == "holds" and recon[4].startswith("agrees: lower")
 
 
+def test_report_tables_flag_unconverged_runs_and_identical_cells(tmp_path):
+    from lowlabel.study.report.render import data_words
+    from lowlabel.study.report.tables import surface_table, train_table
+
+    study = study_spec.load_study("seed")
+    cells = study_spec.expand(study, "quick", None, tmp_path / "st", seeds=[0, 1, 2])
+    plan = json.loads(study_spec.plan_json(study, "quick", cells))
+    runs = _fake_runs(plan, {"full": 0.06})
+    for run in runs:
+        run.config = next(c["config"] for c in plan["cells"] if c["key"] == run.key)
+        if run.labels.get("1b", {}).get("patience") == "7":
+            run.result = {**run.result, "steps": 5}  # best step 5 of 5: still improving
+    table = train_table(plan, runs, "1b")
+    assert table.header.index("Dice CSF") < table.header.index("Dice GM")
+    assert table.header.index("Dice GM") < table.header.index("Dice WM")
+    rows = {r[0]: r for r in table.rows}
+    col = table.header.index("Not converged")
+    assert rows["7"][col] == "3/3 ⚠" and rows["2"][col] == "0/3"
+    seeds = table.header.index("Seeds")
+    # patience 2 and 5 gave the same runs: flagged, not reported as a zero difference
+    assert rows["5"][seeds] == "3/3 (identical to 2)" and rows["2"][seeds] == "3/3"
+    assert "Identical: 5 = 2" in table.note
+    surface = surface_table(plan, runs, "1a")
+    assert surface.header[-3:] == [
+        "Vol. error CSF (mL)",
+        "Vol. error GM (mL)",
+        "Vol. error WM (mL)",
+    ]
+    words = data_words(plan, runs)
+    assert "SYNTHETIC demo cohort (16" in words and "2D (axial slices)" in words
+    assert "4 test and 2 validation" in words and "64x64" in words and "3 seed(s)" in words
+
+
 def test_time_left_from_seconds_per_step_of_finished_runs():
     from lowlabel.study.runner import duration, estimate_left
 
@@ -452,6 +485,12 @@ def test_shipped_study_smoke_run_then_rerun_finishes_only_missing(
     for table in plan["tables"].values():
         assert table["title"] in report
     assert page.count("<table>") >= len(plan["tables"]) and "data:image/png;base64," in page
+    assert report.startswith("# Study") and "\n\nData: " in report  # it says what it ran on
+    assert "Dice CSF | Dice GM | Dice WM" in report and "HD95 CSF (mm)" in report
+    assert report.count("## The original study's claims, answered") == 1
+    assert report.count("Dice against the number of labelled subjects") <= 1
+    with np.load(next(f for f in folders if f.name.startswith("seg-")) / "overlay.npz") as ov:
+        assert ov["image"].ndim == 3 and ov["image"].shape[0] == len(ov["slices"]) >= 2
     assert 'src="figures/' not in page  # self-contained
     if shutil.which("chromium"):  # the page renders in a real browser, tables and images shown
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))

@@ -28,7 +28,7 @@ from lowlabel.errors import LowlabelError
 STUDIES = Path(__file__).resolve().parent.parent / "studies"
 PROFILES = ("quick", "cpu", "paper")
 STEP_KEYS = ("train.steps", "pretrain.steps", "pretrain.save_steps")
-TRAIN_METRICS = ("test_loss", "mean_dice", "dice_csf", "dice_wm", "dice_gm", "steps")
+TRAIN_METRICS = ("test_loss", "mean_dice", "dice_csf", "dice_gm", "dice_wm", "steps")
 PRETRAIN_METRICS = ("train_loss", "val_mse", "val_mae")
 _TOP_KEYS = {
     "name",

@@ -45,7 +45,7 @@ def metric_range(metric: str) -> tuple[float, float]:
     m = metric.lower()
     if "dice" in m:
         return _BOUNDED
-    if any(k in m for k in ("loss", "mse", "mae", "hd95", "steps", "best_step", "abs")):
+    if any(k in m for k in ("loss", "mse", "mae", "hd95", "steps", "best_step", "avd")):
         return _NON_NEGATIVE
     return (-math.inf, math.inf)
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass
 
-from lowlabel.study.report.runs import PRETRAIN_COLUMNS, TRAIN_COLUMNS, Run
+from lowlabel.study.report.runs import PRETRAIN_COLUMNS, SURFACE_COLUMNS, TRAIN_COLUMNS, Run
 from lowlabel.study.stats import Difference, Summary, metric_range, paired, summarize
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,35 @@ def _product(lists: list[list[str]]) -> list[list[str]]:
     return result
 
 
+def not_converged(run: Run) -> bool:
+    """A finished run whose best validation came at its last step: still improving when its
+    step budget ran out, so its figures understate what the arm can do."""
+    res = run.result or {}
+    best, steps = res.get("best_step"), res.get("steps")
+    return best is not None and steps is not None and best >= steps and steps > 0
+
+
+def identical_cells(plan: dict, runs: list[Run], name: str) -> dict[str, str]:
+    """Cells of a table whose runs gave exactly the same results as an earlier cell's, seed by
+    seed (e.g. patience arms when no run stopped early): ``{cell: the earlier cell}``."""
+    seen: dict[tuple, str] = {}
+    out = {}
+    for labels, group in table_cells(plan, runs, name):
+        done = [r for r in group if r.result is not None]
+        if not done:
+            continue
+        key = tuple(
+            (r.seed, r.result.get("steps"), json.dumps(r.result.get("test"), sort_keys=True))
+            for r in done
+        )
+        cell = ", ".join(labels.values())
+        if key in seen:
+            out[cell] = seen[key]
+        else:
+            seen[key] = cell
+    return out
+
+
 def train_table(plan: dict, runs: list[Run], name: str) -> Table:
     spec = plan["tables"][name]
     axes = spec.get("axes") or []
@@ -53,8 +83,9 @@ def train_table(plan: dict, runs: list[Run], name: str) -> Table:
     header = (
         [a.capitalize() for a in axes]
         + [TRAIN_COLUMNS.get(m, m) for m in metrics]
-        + ["Stopped early", "Seeds"]
+        + ["Stopped early", "Not converged", "Seeds"]
     )
+    same = identical_cells(plan, runs, name)
     rows = []
     for labels, group in table_cells(plan, runs, name):
         done = [r for r in group if r.result is not None]
@@ -67,13 +98,48 @@ def train_table(plan: dict, runs: list[Run], name: str) -> Table:
                 )
             )
         cells.append(f"{sum(bool(r.result.get('stopped_early')) for r in done)}/{len(done)}")
-        cells.append(f"{len(done)}/{len(group)}")
+        flag = sum(not_converged(r) for r in done)
+        cells.append(f"{flag}/{len(done)}" + (" ⚠" if flag else ""))
+        seeds = f"{len(done)}/{len(group)}"
+        cell = ", ".join(labels.values())
+        if cell in same:
+            seeds += f" (identical to {same[cell]})"
+        cells.append(seeds)
         rows.append(cells)
     note = (
         "Each cell: mean ± SD [95% CI] over seeds (each seed also draws the labelled "
-        "subjects); a single number when there is one seed or all seeds agree."
+        "subjects); a single number when there is one seed or all seeds agree. Dice and "
+        "test loss on the test subjects. Not converged: runs whose best validation was at "
+        "their last step (still improving when the step budget ran out; ⚠ read with care)."
     )
+    if same:
+        note += (
+            " Identical: " + "; ".join(f"{a} = {b}" for a, b in same.items()) + " (the same "
+            "runs on both rows, e.g. patience arms when no run stopped early)."
+        )
     return Table(name, spec.get("title", name), header, rows, note)
+
+
+def surface_table(plan: dict, runs: list[Run], name: str) -> Table:
+    """HD95 and absolute volume error per tissue (CSF, GM, WM) for a training table's cells."""
+    spec = plan["tables"][name]
+    axes = spec.get("axes") or []
+    rows = []
+    for labels, group in table_cells(plan, runs, name):
+        done = [r for r in group if r.result is not None]
+        cells = [labels[a] for a in axes]
+        for metric in SURFACE_COLUMNS:
+            s = summarize((r.value(metric) for r in done), bounds=metric_range(metric))
+            cells.append(s.text(1) if s.n < 2 else f"{s.mean:.1f} ± {s.sd:.1f}")
+        rows.append(cells)
+    return Table(
+        f"{name}-surface",
+        f"{spec.get('title', name)}: boundary distance and volume error",
+        [a.capitalize() for a in axes] + list(SURFACE_COLUMNS.values()),
+        rows,
+        "HD95: 95th percentile Hausdorff distance (mm); vol. error: absolute volume error (mL); "
+        "both on the test subjects at their native resolution; mean ± SD over seeds.",
+    )
 
 
 def pretrain_runs(runs: list[Run], plan: dict, name: str) -> list[Run]:
