@@ -70,13 +70,16 @@ def test_profile_scales_steps(tmp_path):
     paper = {c.key: c for c in study_spec.expand(study, "paper", None, tmp_path)}
     quick = study_spec.expand(study, "quick", None, tmp_path)
     pre = next(c for c in quick if c.kind == "pretrain" and c.cfg.pretrain.method == "autoencoder")
-    assert pre.cfg.pretrain.save_steps == (5, 10, 15, 30)
-    assert pre.cfg.data.patch_size == (64, 64, 64)
+    assert pre.cfg.pretrain.save_steps == (20, 40, 60, 80)
+    assert pre.cfg.data.patch_size == (64, 64) and pre.cfg.train.batch_size == 2
     base = next(c for c in quick if c.labels.get("1a") == {"model": "3-level", "data": "low"})
-    assert base.cfg.train.steps == 50 and base.cfg.train.val_every == 5
+    assert base.cfg.train.steps == 400 and base.cfg.train.val_every == 25
+    assert base.cfg.data.spatial_dims == 2 and base.cfg.train.batch_size == 8
     transfer = [c for c in quick if "2b" in c.labels]
-    assert all(c.cfg.train.steps == 20 for c in transfer)  # 500 * 0.01, raised to min_train_steps
-    assert {c.needs for c in transfer if c.needs} == {("autoencoder", 30), ("genesis", 30)}
+    assert all(c.cfg.train.steps == 300 for c in transfer)  # 500 * 0.08, raised to min_train_steps
+    assert {c.needs for c in transfer if c.needs} == {("autoencoder", 80), ("genesis", 80)}
+    plan = json.loads(study_spec.plan_json(study, "quick", quick))
+    assert plan["steps"]["2a"] == [20, 40, 60, 80]  # what the pretraining runs keep
     big = next(
         c for c in paper.values() if c.labels.get("1a") == {"model": "3-level", "data": "full"}
     )

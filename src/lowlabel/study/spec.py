@@ -540,6 +540,15 @@ def _extent(path: str) -> tuple[float, ...]:
     return tuple(world_extent(img.shape, img.affine))
 
 
+def _saved_steps(table: str, cells: list[Cell]) -> list[int]:
+    """The steps at which a pretraining table's runs keep checkpoints (what the table shows):
+    the profile may pretrain for fewer steps than the table's scaled ``steps``."""
+    for cell in cells:
+        if cell.kind == "pretrain" and table in cell.labels:
+            return sorted(cell.cfg.pretrain.save_steps)
+    return []
+
+
 def plan_json(study: Study, profile: str, cells: list[Cell]) -> str:
     """The expanded study, as written to ``<study_dir>/plan.json``."""
     return json.dumps(
@@ -551,7 +560,8 @@ def plan_json(study: Study, profile: str, cells: list[Cell]) -> str:
             "axes": {a: list(v) for a, v in study.axes.items()},
             "comparisons": study.comparisons,
             "steps": {
-                t: [scale_step(s, profile_of(study, profile)) for s in tab.get("steps", [])]
+                t: _saved_steps(t, cells)
+                or [scale_step(s, profile_of(study, profile)) for s in tab.get("steps", [])]
                 for t, tab in study.tables.items()
                 if "pretraining" in tab
             },
