@@ -12,6 +12,7 @@ so nothing is left running after it). Wall times and ratios go to
 machine the load moves between arms, so read the ratios with the load figures beside them.
 
     nice -n 10 python benchmarks/study_backends.py                   # table 1a of quick, 1 seed
+    nice -n 10 python benchmarks/study_backends.py --set train.steps=100   # shorter runs
     nice -n 10 python benchmarks/study_backends.py --tables all --seeds 0 1   # the whole quick
 """
 
@@ -67,11 +68,13 @@ def cut_study(tables: list[str], seeds: list[int], path: Path) -> Path:
     return path
 
 
-def run_arm(arm: str, study: Path, out: Path) -> dict:
+def run_arm(arm: str, study: Path, out: Path, sets: list[str]) -> dict:
     if out.exists():
         shutil.rmtree(out)
     cmd = [sys.executable, "-c", LAUNCH, "bare" if arm == "local, torch threads only" else "as-is"]
     cmd += ["study", str(study), "--profile", "quick", "--out", str(out), "--quiet"]
+    for item in sets:
+        cmd += ["--set", item]
     if arm == "ray (local, 2 CPUs)":
         cmd += ["--backend", "ray"]
     env = {
@@ -105,12 +108,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tables", nargs="+", default=["1a"], help="tables to keep, or 'all'")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument(
+        "--set", dest="sets", action="append", default=[], help="config override for every run"
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lowlabel-backends-"))
     study = cut_study(args.tables, args.seeds, work / "study.yaml")
     described = machine()
     arms = ["local (thread variables set)", "local, torch threads only", "ray (local, 2 CPUs)"]
-    rows = [run_arm(arm, study, work / f"arm{i}") for i, arm in enumerate(arms)]
+    rows = [run_arm(arm, study, work / f"arm{i}", args.sets) for i, arm in enumerate(arms)]
     base = rows[0]["wall_seconds"]
     for row in rows:
         row["wall_vs_local"] = round(row["wall_seconds"] / base, 3) if base else None
@@ -119,7 +125,12 @@ def main() -> None:
         "shared_machine": os.getloadavg()[0] > 1.5,
         "note": "arms run one after another on the same machine; other jobs' load moves "
         "between them (see load_average_before/after), so ratios near 1 are within that noise",
-        "study": {"tables": args.tables, "seeds": args.seeds, "profile": "quick"},
+        "study": {
+            "tables": args.tables,
+            "seeds": args.seeds,
+            "profile": "quick",
+            "set": args.sets,
+        },
         "benchmark_command": "nice -n 10 python benchmarks/study_backends.py "
         + " ".join(sys.argv[1:]),
         "arms": rows,
