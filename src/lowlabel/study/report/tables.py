@@ -11,7 +11,14 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from lowlabel.study.report.runs import PRETRAIN_COLUMNS, SURFACE_COLUMNS, TRAIN_COLUMNS, Run
-from lowlabel.study.stats import Difference, Summary, metric_range, paired, summarize
+from lowlabel.study.stats import (
+    MIN_SEEDS,
+    Difference,
+    Summary,
+    metric_range,
+    paired,
+    summarize,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +52,14 @@ def _product(lists: list[list[str]]) -> list[list[str]]:
     for items in lists:
         result = [r + [str(i)] for r in result for i in items]
     return result
+
+
+def cell_text(s: Summary, digits: int = 3) -> str:
+    """A table cell: ``mean ± SD [95% CI]``, without the interval below :data:`MIN_SEEDS`
+    seeds (with two, a t interval spans 12.7 standard errors and says nothing)."""
+    if s.n < MIN_SEEDS and s.n >= 2 and s.sd > 0:
+        return f"{s.mean:.{digits}f} ± {s.sd:.{digits}f}"
+    return s.text(digits)
 
 
 def not_converged(run: Run) -> bool:
@@ -92,11 +107,8 @@ def train_table(plan: dict, runs: list[Run], name: str) -> Table:
         digits = {"steps": 0, "best_step": 0}
         cells = [labels[a] for a in axes]
         for metric in metrics:
-            cells.append(
-                summarize((r.value(metric) for r in done), bounds=metric_range(metric)).text(
-                    digits.get(metric, 3)
-                )
-            )
+            s = summarize((r.value(metric) for r in done), bounds=metric_range(metric))
+            cells.append(cell_text(s, digits.get(metric, 3)))
         cells.append(f"{sum(bool(r.result.get('stopped_early')) for r in done)}/{len(done)}")
         flag = sum(not_converged(r) for r in done)
         cells.append(f"{flag}/{len(done)}" + (" ⚠" if flag else ""))
@@ -108,7 +120,8 @@ def train_table(plan: dict, runs: list[Run], name: str) -> Table:
         rows.append(cells)
     note = (
         "Each cell: mean ± SD [95% CI] over seeds (each seed also draws the labelled "
-        "subjects); a single number when there is one seed or all seeds agree. Dice and "
+        f"subjects); no interval with fewer than {MIN_SEEDS} seeds, too few for one that "
+        "means anything; a single number when there is one seed or all seeds agree. Dice and "
         "test loss on the test subjects. Not converged: runs whose best validation was at "
         "their last step (still improving when the step budget ran out; ⚠ read with care)."
     )
@@ -164,7 +177,7 @@ def pretrain_table(plan: dict, runs: list[Run], name: str) -> Table:
         cells = [str(step)]
         for key in PRETRAIN_COLUMNS:
             values = (float(f.get(key, float("nan"))) for f in found)
-            cells.append(summarize(values, bounds=metric_range(key)).text(4))
+            cells.append(cell_text(summarize(values, bounds=metric_range(key)), 4))
         cells.append(f"{len(found)}/{len(group)}")
         rows.append(cells)
     return Table(
@@ -250,22 +263,27 @@ def answer(diff: Difference, expect: str) -> str:
 
 
 def pretrain_claims(plan: dict, runs: list[Run]) -> list[tuple[str, Difference, str]]:
-    """The claims on pretraining tables: validation loss (MSE) at the last saved step against
-    the first, paired by seed; a claim that training improves reconstruction expects lower."""
+    """The claims on pretraining tables: validation loss (MSE) at the run's last validation
+    against its first, paired by seed; a claim that training improves reconstruction expects
+    lower."""
     out = []
     for name, spec in plan["tables"].items():
         if "pretraining" not in spec or not spec.get("claim"):
             continue
-        steps = plan.get("steps", {}).get(name, [])
-        if len(steps) < 2:
-            continue
-        first, last = {}, {}
+        first, last, steps = {}, {}, set()
         for run in pretrain_runs(runs, plan, name):
-            for step, side in ((steps[0], first), (steps[-1], last)):
-                row = _row_at(run.metrics, step)
-                if row is not None and row.get("step") == step and "val_mse" in row:
-                    side[str(run.seed)] = float(row["val_mse"])
-        diff = paired(f"{name}: val MSE at step {steps[-1]} vs {steps[0]}", "val_mse", last, first)
+            rows = [r for r in run.metrics if "val_mse" in r]
+            if run.result is None or len(rows) < 2:
+                continue
+            first[str(run.seed)] = float(rows[0]["val_mse"])
+            last[str(run.seed)] = float(rows[-1]["val_mse"])
+            steps.add((rows[0]["step"], rows[-1]["step"]))
+        where = (
+            "at step {1} vs {0}".format(*sorted(steps)[0])
+            if len(steps) == 1
+            else "at the last validation vs the first"
+        )
+        diff = paired(f"{name}: val MSE {where}", "val_mse", last, first)
         out.append((str(spec["claim"]), diff, "lower"))
     return out
 
