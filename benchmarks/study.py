@@ -128,6 +128,44 @@ def run_profile(
     }
 
 
+def quality(out: Path) -> dict:
+    """What the study's runs reached, from what they wrote: the median test mean Dice over its
+    training runs, how many look converged (best step before the last), and its comparisons'
+    decisions and widest CI half-width."""
+    import csv
+    import statistics
+
+    from lowlabel.study.report.runs import load_runs
+    from lowlabel.study.report.tables import comparisons
+
+    if not (out / "runs.csv").exists() or not (out / "plan.json").exists():
+        return {}
+    with open(out / "runs.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["kind"] == "train" and r["mean_dice"]]
+    dice = [float(r["mean_dice"]) for r in rows]
+    plateau = [r for r in rows if r["best_step"] and int(r["best_step"]) < int(r["steps"])]
+    plan, runs = load_runs(out)
+    diffs = comparisons(plan, runs)
+    widths = [d.diff.half_width for d in diffs if d.diff.n >= 2]
+    return {
+        "median_mean_dice": round(statistics.median(dice), 4) if dice else None,
+        "train_runs": len(rows),
+        "converged": {
+            "share": round(len(plateau) / len(rows), 3) if rows else None,
+            "how": "best validation step before the last step (a plateau, or early stopping); "
+            "not yet the check against a run 4x as long",
+        },
+        "decided": {
+            "decided": sum(d.decided for d in diffs),
+            "total": len(diffs),
+            "by_decision": {
+                k: sum(d.decision == k for d in diffs) for k in sorted({d.decision for d in diffs})
+            },
+        },
+        "ci_halfwidth_max": round(max(widths), 4) if widths else None,
+    }
+
+
 def strip_images(markdown: str) -> str:
     return re.sub(r"^!\[.*\]\(.*\)\n*", "", markdown, flags=re.M)
 
@@ -164,6 +202,7 @@ def main() -> None:
         out = Path(args.out) / profile
         described = machine()  # with the load average before the run
         res = run_profile(profile, data, out, args.jobs, args.timeout_minutes)
+        res.update(quality(out))
         res["benchmark_command"] = "nice -n 10 python benchmarks/study.py " + " ".join(sys.argv[1:])
         res["machine"] = described
         res["fresh_cache"] = args.fresh_cache

@@ -449,6 +449,21 @@ def test_checkpoint_loading_refuses_pickles(tmp_path, fmt):
     assert not marker.exists()
 
 
+def test_a_checkpoint_whose_header_length_spells_pk_loads(tmp_path):
+    """A safetensors header of 0x4B50 bytes starts the file with 'PK' (a zip's signature); such
+    a checkpoint (a 6-level UNet's config can make one) is valid and must load."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "checkpoint-1.safetensors"
+    for pad in range(19000, 19400):
+        save_file({"w": torch.zeros(2)}, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[:2] == b"PK":
+            break
+    assert path.read_bytes()[:2] == b"PK" and path.read_bytes()[8:9] == b"{"
+    tensors, _ = checkpoint.load(path)
+    assert tensors["w"].shape == (2,)
+
+
 def _pickle_cases(world: World, root: Path) -> dict[str, list[str]]:
     """Plant a malicious pickle wherever a command expects a checkpoint."""
     import shutil

@@ -11,13 +11,20 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import write_study
 
 from lowlabel.config import run_dir
 from lowlabel.errors import LowlabelError
 from lowlabel.study import spec as study_spec
-from lowlabel.study.stats import paired, summarize
+from lowlabel.study.stats import (
+    difference_range,
+    metric_range,
+    multiple_comparisons_note,
+    paired,
+    summarize,
+)
 
 # Smoke settings for a shipped study on the tiny phantoms: 2 steps per run, 1 mm, one seed.
 SMOKE = {
@@ -70,6 +77,8 @@ def test_profile_scales_steps(tmp_path):
     transfer = [c for c in quick if "2b" in c.labels]
     assert all(c.cfg.train.steps == 20 for c in transfer)  # 500 * 0.01, raised to min_train_steps
     assert {c.needs for c in transfer if c.needs} == {("autoencoder", 30), ("genesis", 30)}
+    plan = json.loads(study_spec.plan_json(study, "quick", quick))
+    assert plan["steps"]["2a"] == [5, 10, 15, 30]  # what the pretraining runs keep
     big = next(
         c for c in paper.values() if c.labels.get("1a") == {"model": "3-level", "data": "full"}
     )
@@ -98,6 +107,10 @@ def test_profile_scales_steps(tmp_path):
         ),
         ({"profiles": {"fast": {}}}, "unknown profile 'fast'"),
         ({"comparisons": [{"table": "grid", "a": {"depth": "9"}, "b": {}}]}, "has no level '9'"),
+        (
+            {"comparisons": [{"table": "grid", "a": {}, "b": {}, "expect": "better"}]},
+            "expect: 'better' is not one of higher, lower, same",
+        ),
     ],
 )
 def test_bad_study_is_refused_before_running(tmp_path, tiny_dataset, change, message):
@@ -173,13 +186,189 @@ def test_paired_difference_and_verdict():
     d = paired("a vs b", "mean_dice", a, b)
     assert d.pairs == ["0", "1", "2", "3"] and d.diff.n == 4
     assert d.diff.mean == pytest.approx(0.1025)
-    assert d.diff.ci_low > 0 and d.verdict.startswith("holds")
+    assert d.diff.ci_low > 0 and d.decision == "holds" and d.verdict.startswith("holds")
     noisy = paired(
         "x", "mean_dice", {"0": 0.8, "1": 0.7, "2": 0.9}, {"0": 0.75, "1": 0.8, "2": 0.85}
     )
     assert noisy.diff.ci_low < 0 < noisy.diff.ci_high
-    assert noisy.verdict.startswith("within noise")
-    assert "no conclusion" in paired("y", "m", {"0": 1.0}, {"0": 0.0}).verdict
+    assert noisy.decision == "undecided" and noisy.verdict.startswith("undecided")
+    one = paired("y", "m", {"0": 1.0}, {"0": 0.0})
+    assert one.decision == "too few seeds" and "too few seeds" in one.verdict
+
+
+def _constructed(diffs: list[float], base: float = 0.8) -> dict:
+    """Two sides whose paired differences are exactly ``diffs``."""
+    b = {str(i): base + 0.01 * (i % 3) for i in range(len(diffs))}
+    return {"a": {k: v + d for (k, v), d in zip(b.items(), diffs, strict=True)}, "b": b}
+
+
+@pytest.mark.parametrize(
+    ("diffs", "decision"),
+    [
+        ([0.030, 0.032, 0.028, 0.031, 0.029], "holds"),  # clearly above 0
+        ([-0.05, -0.06, -0.04, -0.055, -0.045], "holds"),  # clearly below 0
+        ([0.001, -0.002, 0.0015, -0.001, 0.0005], "equivalent"),  # tiny, CI inside ±0.01
+        ([0.05, -0.04, 0.03, -0.06, 0.01], "undecided"),  # CI contains 0, reaches past ±0.01
+        ([0.0, 0.0, 0.0, 0.0, 0.0], "identical"),  # the same runs on both sides
+        ([0.03, 0.031], "too few seeds"),  # 2 pairs: no decision, whatever the values
+    ],
+)
+def test_decision_rule_on_constructed_differences(diffs, decision):
+    sides = _constructed(diffs)
+    d = paired("c", "mean_dice", sides["a"], sides["b"])
+    assert d.diff.mean == pytest.approx(float(np.mean(diffs)))
+    assert d.decision == decision
+    assert d.verdict.startswith(decision)
+    assert d.decided == (decision in ("holds", "equivalent"))
+    if decision in ("holds", "equivalent", "undecided"):
+        assert f"{d.diff.ci_low:+.3f}" in d.verdict and f"{d.diff.ci_high:+.3f}" in d.verdict
+
+
+def test_equivalence_needs_the_whole_interval_inside_the_margin():
+    # mean difference 0.004, well inside ±0.01, but too noisy: the CI leaves the margin
+    d = paired("c", "mean_dice", **_constructed([0.02, -0.012, 0.015, -0.008, 0.005]))
+    assert abs(d.diff.mean) < 0.01 and d.diff.ci_high > 0.01 and d.decision == "undecided"
+    wide = paired("c", "mean_dice", **_constructed([0.001, -0.001, 0.002]), margin=0.0005)
+    assert wide.decision == "undecided"
+
+
+def test_intervals_stay_in_the_metric_range():
+    # two seeds near 1: a plain t interval would run far above 1
+    dice = summarize([0.97, 0.99], bounds=metric_range("mean_dice"))
+    assert 0.0 <= dice.ci_low < dice.mean < dice.ci_high == 1.0
+    loss = summarize([0.01, 0.2], bounds=metric_range("test_loss"))
+    assert loss.ci_low == 0.0
+    d = paired("c", "mean_dice", {"0": 0.99, "1": 0.05}, {"0": 0.01, "1": 0.95})
+    assert -1.0 <= d.diff.ci_low and d.diff.ci_high <= 1.0
+    assert metric_range("dice_csf") == (0.0, 1.0) and metric_range("val_mse")[0] == 0.0
+    assert difference_range("mean_dice") == (-1.0, 1.0)
+
+
+def test_multiple_comparisons_note_counts_the_intervals():
+    holds = paired("big", "mean_dice", **_constructed([0.10, 0.11, 0.09, 0.10, 0.12]))
+    noise = paired("noise", "mean_dice", **_constructed([0.05, -0.04, 0.03, -0.06, 0.01]))
+    same = paired("same", "mean_dice", **_constructed([0.0] * 5))
+    note = multiple_comparisons_note([holds, noise, same])
+    assert "2 intervals" in note and "Bonferroni" in note and "big" in note
+    assert "noise" not in note.split("hold")[-1]
+    assert multiple_comparisons_note([holds]) == ""
+
+
+def _fake_runs(plan: dict, effect: dict[str, float]) -> list:
+    """Finished runs for every cell of ``plan``: test mean Dice 0.8 + ``effect`` of the first
+    axis level that has one + a per-seed shift shared by all cells (so pairs are tight)."""
+    from lowlabel.study.report.runs import Run
+
+    runs = []
+    for cell in plan["cells"]:
+        levels = [v for lab in cell["labels"].values() for v in lab.values()]
+        bump = next((effect[v] for v in levels if v in effect), 0.0)
+        dice = 0.8 + bump + 0.01 * cell["seed"] + 0.0005 * (cell["seed"] % 2) * bool(bump)
+        result = {"test": {"mean_dice": dice}, "steps": 10, "best_step": 5, "n_labelled": 3}
+        metrics = [{"step": s, "val_mse": 1.0 / s + 0.001 * cell["seed"]} for s in (1, 2, 3, 5)]
+        folder = Path(cell["run_dir"]) if cell.get("run_dir") else None
+        runs.append(
+            Run(cell["key"], cell["kind"], cell["seed"], cell["labels"], folder, result, metrics)
+        )
+    return runs
+
+
+def test_claims_table_has_a_row_for_every_comparison_of_the_shipped_study(tmp_path):
+    from lowlabel.study.report.tables import NOT_CLAIMED, claims_table, comparisons
+
+    study = study_spec.load_study("seed")
+    cells = study_spec.expand(study, "quick", None, tmp_path / "st", seeds=[0, 1, 2, 3, 4])
+    plan = json.loads(study_spec.plan_json(study, "quick", cells))
+    plan["steps"] = {t: [1, 5] for t in plan["steps"]}
+    # full data clearly better, residual units clearly worse; the rest identical
+    runs = _fake_runs(plan, {"full": 0.06, "5-level res5 p5": -0.03})
+    diffs = comparisons(plan, runs)
+    table = claims_table(plan, runs, diffs)
+    compared = [row[1] for row in table.rows]
+    for comp in study.comparisons:
+        assert sum(c.startswith(comp["name"] + " (") for c in compared) == 1, comp["name"]
+        row = next(r for r in table.rows if r[1].startswith(comp["name"] + " ("))
+        assert row[0] == comp.get("claim", NOT_CLAIMED)
+    claims = {c.get("claim") for c in study.comparisons} - {None}
+    assert claims | {study.tables["2a"]["claim"]} <= {row[0] for row in table.rows}
+    assert len(table.rows) == len(study.comparisons) + 1  # + the autoencoder's reconstruction
+    by_name = {row[1].rsplit(" (", 1)[0]: row for row in table.rows}
+    full = by_name["full vs low data, 3-level"]
+    assert full[3] == "holds" and full[4].startswith("agrees: higher by 0.060")
+    res = by_name["residual units (5-level res5 p5 vs 5-level), low data"]
+    assert res[3] == "holds" and res[4].startswith("contradicts")
+    same = by_name["autoencoder fine-tuned vs scratch"]
+    assert same[3] == "identical" and same[4].startswith("cannot tell")
+    recon = next(r for r in table.rows if r[0] == study.tables["2a"]["claim"])
+    assert recon[3] == "holds" and recon[4].startswith("agrees: lower")
+
+
+def test_report_tables_flag_unconverged_runs_and_identical_cells(tmp_path):
+    from lowlabel.study.report.render import data_words
+    from lowlabel.study.report.tables import surface_table, train_table
+
+    study = study_spec.load_study("seed")
+    cells = study_spec.expand(study, "quick", None, tmp_path / "st", seeds=[0, 1, 2])
+    plan = json.loads(study_spec.plan_json(study, "quick", cells))
+    runs = _fake_runs(plan, {"full": 0.06})
+    for run in runs:
+        run.config = next(c["config"] for c in plan["cells"] if c["key"] == run.key)
+        if run.labels.get("1b", {}).get("patience") == "7":
+            run.result = {**run.result, "steps": 5}  # best step 5 of 5: still improving
+    table = train_table(plan, runs, "1b")
+    assert table.header.index("Dice CSF") < table.header.index("Dice GM")
+    assert table.header.index("Dice GM") < table.header.index("Dice WM")
+    rows = {r[0]: r for r in table.rows}
+    col = table.header.index("Not converged")
+    assert rows["7"][col] == "3/3 ⚠" and rows["2"][col] == "0/3"
+    seeds = table.header.index("Seeds")
+    # patience 2 and 5 gave the same runs: flagged, not reported as a zero difference
+    assert rows["5"][seeds] == "3/3 (identical to 2)" and rows["2"][seeds] == "3/3"
+    assert "Identical: 5 = 2" in table.note
+    surface = surface_table(plan, runs, "1a")
+    assert surface.header[-3:] == [
+        "Vol. error CSF (mL)",
+        "Vol. error GM (mL)",
+        "Vol. error WM (mL)",
+    ]
+    words = data_words(plan, runs)
+    assert "SYNTHETIC demo cohort (16" in words and "3D" in words and "4 mm" in words
+    assert "4 test and 2 validation" in words and "32x32x32" in words and "3 seed(s)" in words
+
+
+def test_time_left_from_seconds_per_step_of_finished_runs():
+    from lowlabel.study.runner import duration, estimate_left
+
+    done = [("train", 100, 10.0), ("train", 50, 5.0), ("pretrain", 200, 40.0)]
+    # train: 0.1 s/step, pretrain 0.2 s/step; 4 train runs of 100 steps on 2 workers
+    assert estimate_left(done, [("train", 100)] * 4, jobs=2) == pytest.approx(20.0)
+    assert estimate_left(done, [("pretrain", 300)], jobs=2) == pytest.approx(60.0)  # one run
+    # a kind not seen yet takes the overall rate: 55 s / 350 steps
+    assert estimate_left(done[:1], [("pretrain", 35)], jobs=1) == pytest.approx(3.5)
+    assert estimate_left(done, [], jobs=2) == 0.0
+    assert estimate_left([], [("train", 10)], jobs=2) is None
+    assert duration(None).startswith("unknown") and duration(42) == "42 s"
+    assert duration(250) == "4 min 10 s" and duration(3900) == "1 h 05 min"
+
+
+def test_local_workers_size_every_thread_pool_like_ray(monkeypatch):
+    """A local worker starts with OMP/MKL/OpenBLAS threads = its torch threads (Ray's
+    OMP_NUM_THREADS), so its libraries and its loader processes do not spin on every core; the
+    study's own environment is left as it was, and a value the user set is kept."""
+    import os
+
+    from lowlabel.study.runner import THREAD_ENV, LocalBackend, Slot
+
+    for key in THREAD_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")
+    backend = LocalBackend([Slot(None, 1, 1)])
+    try:
+        seen = [backend.call(os.getenv, key).result(timeout=120) for key in THREAD_ENV]
+    finally:
+        backend.close()
+    assert seen == ["1", "3", "1"]
+    assert "OMP_NUM_THREADS" not in os.environ and os.environ["MKL_NUM_THREADS"] == "3"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +451,7 @@ def test_every_cell_of_a_shipped_study_expands_and_checks(name, tmp_path, tiny_d
 
 @pytest.mark.parametrize("name", sorted(study_spec.builtin_studies()))
 def test_shipped_study_smoke_run_then_rerun_finishes_only_missing(
-    name, tmp_path, tiny_dataset, monkeypatch, capsys
+    name, tmp_path, tiny_dataset, monkeypatch, capsys, caplog
 ):
     """A shipped study, cut to one cell per kind, runs 2 steps per cell on the tiny phantoms; a
     rerun after damage redoes exactly the damaged runs, and the report lists every run once."""
@@ -298,6 +487,12 @@ def test_shipped_study_smoke_run_then_rerun_finishes_only_missing(
     for table in plan["tables"].values():
         assert table["title"] in report
     assert page.count("<table>") >= len(plan["tables"]) and "data:image/png;base64," in page
+    assert report.startswith("# Study") and "\n\nData: " in report  # it says what it ran on
+    assert "Dice CSF | Dice GM | Dice WM" in report and "HD95 CSF (mm)" in report
+    assert report.count("## The original study's claims, answered") == 1
+    assert report.count("Dice against the number of labelled subjects") <= 1
+    with np.load(next(f for f in folders if f.name.startswith("seg-")) / "overlay.npz") as ov:
+        assert ov["image"].ndim == 3 and ov["image"].shape[0] == len(ov["slices"]) >= 2
     assert 'src="figures/' not in page  # self-contained
     if shutil.which("chromium"):  # the page renders in a real browser, tables and images shown
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -319,6 +514,7 @@ def test_shipped_study_smoke_run_then_rerun_finishes_only_missing(
         for f in folders
         if f not in (interrupted, missing)
     }
+    caplog.set_level("INFO", logger="lowlabel.study.runner")
     second = run_study(
         study,
         "quick",
@@ -331,6 +527,10 @@ def test_shipped_study_smoke_run_then_rerun_finishes_only_missing(
         report=False,
     )
     assert second.ran == 2 and second.skipped == first.runs - 2 and second.failed == {}
+    # before it started, the rerun said what it would do and how long that would take
+    head = next(r.getMessage() for r in caplog.records if "estimated time left" in r.getMessage())
+    assert f"{first.runs} runs, {first.runs - 2} done, 2 to run" in head
+    assert "unknown" not in head and head.rstrip().endswith(" s")
     assert all((f / "result.json").stat().st_mtime_ns == t for f, t in untouched.items())
     assert (interrupted / "result.json").exists() and (missing / "result.json").exists()
 

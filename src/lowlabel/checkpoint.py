@@ -59,8 +59,10 @@ def _check(path: str | Path) -> Path:
         raise LowlabelError(f"{path}: checkpoint not found")
     with open(path, "rb") as fh:
         head = fh.read(16)
-    # a safetensors file starts with an 8-byte little-endian header length, then '{'
-    if len(head) < 9 or head[8:9] != b"{" or head[:2] in (b"\x80\x02", b"\x80\x04", b"PK"):
+    # a safetensors file starts with an 8-byte little-endian header length, then '{'; the
+    # length's own bytes may spell a pickle or zip signature (a 19,280-byte header starts 'PK'),
+    # so only the '{' tells; a forged header after it fails in safetensors' own parser
+    if len(head) < 9 or head[8:9] != b"{":
         raise LowlabelError(
             f"{path}: not a safetensors checkpoint (a pickle or zip file?); lowlabel never "
             "unpickles weights, export them with safetensors"

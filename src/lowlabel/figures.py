@@ -49,7 +49,8 @@ def reconstruction_figure(
     import matplotlib.pyplot as plt
 
     n = max(len(rows), 1)
-    fig, axes = plt.subplots(n, 9, figsize=(18, 2.2 * n + 0.6), squeeze=False)
+    fig, axes = plt.subplots(n, 9, figsize=(18, 2.3 * n + 0.9), squeeze=False)
+    err_image = None
     if rows:
         target = rows[0][3]
         lo, hi = np.percentile(target, [0.5, 99.5])
@@ -64,17 +65,22 @@ def reconstruction_figure(
             for k, kind in enumerate(("input", "reconstruction", "error")):
                 ax = axes[r, 3 * v + k]
                 if kind == "error":
-                    ax.imshow(panels[kind][view], cmap="bwr", vmin=-err_max, vmax=err_max)
+                    err_image = ax.imshow(
+                        panels[kind][view], cmap="bwr", vmin=-err_max, vmax=err_max
+                    )
                 else:
                     ax.imshow(panels[kind][view], cmap="gray", vmin=lo, vmax=hi)
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if r == 0:
-                    ax.set_title(f"{view} {kind}", fontsize=8)
-        axes[r, 0].set_ylabel(label, fontsize=9)
+                    ax.set_title(f"{view}\n{kind}", fontsize=10)
+        axes[r, 0].set_ylabel(label, fontsize=10)
     if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0, 0.94, 1))
+    if err_image is not None:
+        bar = fig.colorbar(err_image, ax=axes.ravel().tolist(), fraction=0.015, pad=0.01)
+        bar.set_label("reconstruction - target (intensity)", fontsize=9)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)

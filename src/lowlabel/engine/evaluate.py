@@ -122,19 +122,28 @@ def evaluate(
     return {"subjects": rows, "summary": summary}
 
 
+OVERLAY_FRACTIONS = (0.35, 0.5, 0.65)
+"""Where the overlay's axial slices lie, as fractions of the height (inferior to superior)."""
+
+
 def write_overlay(path: Path, item: dict, pred: torch.Tensor, subject: str) -> None:
-    """The mid-axial slice of a preprocessed scan, its label and a prediction, as plain arrays
-    (``overlay.npz``), so that a study report shows segmentations without running a network.
+    """Three axial slices of a preprocessed (RAS) scan, its label and a prediction, as plain
+    arrays (``overlay.npz``), so that a study report shows segmentations without running a
+    network.
 
     Args:
         item: preprocessed ``image`` and ``label``, each ``(1, X, Y, Z)``.
         pred: ``(X, Y, Z)`` predicted labels on the same grid.
+
+    The arrays are ``(S, X, Y)`` with ``slices`` (S,) their ``Z`` indices.
     """
-    z = item["image"].shape[-1] // 2
+    depth = item["image"].shape[-1]
+    zs = sorted({min(depth - 1, int(f * depth)) for f in OVERLAY_FRACTIONS})
     arrays = {
-        "image": np.asarray(item["image"][0, :, :, z], dtype=np.float32),
-        "label": np.asarray(item["label"][0, :, :, z], dtype=np.uint8),
-        "pred": np.asarray(pred[:, :, z], dtype=np.uint8),
+        "image": np.stack([np.asarray(item["image"][0, :, :, z], dtype=np.float32) for z in zs]),
+        "label": np.stack([np.asarray(item["label"][0, :, :, z], dtype=np.uint8) for z in zs]),
+        "pred": np.stack([np.asarray(pred[:, :, z], dtype=np.uint8) for z in zs]),
+        "slices": np.asarray(zs),
         "subject": np.asarray(subject),
     }
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:

@@ -52,6 +52,62 @@ def default_jobs(threads_per_job: int = 1) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, threads_per_job))
 
 
+def cell_steps(cell: Cell) -> int:
+    """The most steps a cell can run (a training run may stop early)."""
+    return max(1, cell.cfg.pretrain.steps if cell.kind == "pretrain" else cell.cfg.train.steps)
+
+
+def estimate_left(
+    done: list[tuple[str, int, float]], todo: list[tuple[str, int]], jobs: int
+) -> float | None:
+    """Seconds left for the runs still to do, from the runs finished so far.
+
+    Each kind (train, pretrain) has its seconds per step, measured as the runs ran on this
+    machine (so with the other jobs of the study beside them); a kind with no finished run takes
+    the rate of all finished runs. The work is spread over ``jobs`` workers but cannot take less
+    than its longest run. Training runs that stop early make this an upper bound.
+
+    Args:
+        done: ``(kind, steps, seconds)`` of finished runs.
+        todo: ``(kind, steps)`` of the runs still to do.
+        jobs: runs at once.
+
+    Returns:
+        Seconds, or None when no run has finished yet (nothing to estimate from).
+    """
+    if not todo:
+        return 0.0
+    done = [d for d in done if d[1] > 0 and d[2] > 0]
+    if not done:
+        return None
+    overall = sum(d[2] for d in done) / sum(d[1] for d in done)
+    rate = {}
+    for kind in {d[0] for d in done}:
+        mine = [d for d in done if d[0] == kind]
+        rate[kind] = sum(d[2] for d in mine) / sum(d[1] for d in mine)
+    each = [steps * rate.get(kind, overall) for kind, steps in todo]
+    return max(sum(each) / max(1, jobs), max(each))
+
+
+def duration(seconds: float | None) -> str:
+    """``4 min 10 s``, ``1 h 05 min``, or ``unknown``."""
+    if seconds is None:
+        return "unknown until the first run finishes"
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def _run_seconds(result: dict) -> float:
+    """How long a finished run took, from its result (an earlier session's run)."""
+    if "seconds" in result:
+        return float(result["seconds"])
+    return float(result.get("train_seconds", 0.0)) + float(result.get("prep_seconds", 0.0))
+
+
 # ---------------------------------------------------------------------------------------------
 # which device each run gets (pure functions, testable without a GPU)
 
@@ -262,9 +318,37 @@ def _ray_run_cell(kind: str, config: dict, threads: int) -> dict:
 # backends: each turns (kind, config) into a concurrent.futures.Future
 
 
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+"""The thread pools a worker's libraries size from the environment when they load."""
+
+
+@contextlib.contextmanager
+def worker_env(threads: int) -> Iterator[None]:
+    """The environment a worker starts with: every thread pool sized to its ``threads``.
+
+    ``torch.set_num_threads`` pins only torch's own pool, and only in the process that calls it.
+    Without these variables the OpenMP and BLAS runtimes that load with torch and numpy size
+    their pools to every core, in the worker and again in each of its data-loader processes, and
+    their idle threads spin on the cores that the other runs need. Ray sets
+    ``OMP_NUM_THREADS`` in its workers for the same reason. A value the user set is kept.
+    """
+    previous = {k: os.environ.get(k) for k in THREAD_ENV}
+    for key in THREAD_ENV:
+        os.environ.setdefault(key, str(threads))
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 class LocalBackend:
     """Worker processes on this machine: one pool per :class:`Slot` (per GPU, or one of CPU
-    processes); a run goes to the slot with the most free workers."""
+    processes); a run goes to the slot with the most free workers. Each worker has its slot's
+    torch threads and its other thread pools sized to match (:func:`worker_env`)."""
 
     def __init__(self, slots: list[Slot]) -> None:
         import multiprocessing as mp
@@ -289,14 +373,17 @@ class LocalBackend:
             i = max(range(len(self.slots)), key=lambda j: self.slots[j].workers - self.busy[j])
             self.busy[i] += 1
         slot = self.slots[i]
-        # workers are spawned on demand, inside submit: one spawned now starts deaf to Ctrl-C
-        # (and to STOP_SIGNAL until it runs a cell), even while it still imports torch
-        with _signals_ignored(signal.SIGINT, STOP_SIGNAL):
-            fut = self.pools[i].submit(
-                _local_run_cell, kind, on_device(config, slot.device), slot.threads
-            )
+        fut = self.call(_local_run_cell, kind, on_device(config, slot.device), slot.threads, slot=i)
         fut.add_done_callback(lambda _f: self._release(i))
         return fut
+
+    def call(self, fn, *args, slot: int = 0) -> cf.Future:
+        """``fn(*args)`` in a worker of pool ``slot``."""
+        # workers are spawned on demand, inside submit: one spawned now starts deaf to Ctrl-C
+        # (and to STOP_SIGNAL until it runs a cell), even while it still imports torch, and
+        # with its thread pools sized
+        with _signals_ignored(signal.SIGINT, STOP_SIGNAL), worker_env(self.slots[slot].threads):
+            return self.pools[slot].submit(fn, *args)
 
     def _release(self, i: int) -> None:
         with self.lock:
@@ -519,9 +606,29 @@ def run_study(
     bar = tqdm(
         total=len(cells),
         desc=f"study {study.name} ({profile})",
+        unit="run",
         disable=not progress,
         dynamic_ncols=True,
     )
+    timed: list[tuple[str, int, float]] = []  # (kind, steps, seconds) of finished runs
+    started: dict[str, float] = {}
+    finished_before = {c.key: r for c in cells if (r := _finished(c)) is not None}
+    for cell in cells:
+        if cell.key in finished_before:
+            timed.append((cell.kind, cell_steps(cell), _run_seconds(finished_before[cell.key])))
+
+    def left(done: set[str]) -> float | None:
+        todo = [(c.kind, cell_steps(c)) for c in cells if c.key not in done]
+        return estimate_left(timed, todo, jobs)
+
+    headline = (
+        f"study {study.name} ({profile}): {len(cells)} runs, {len(finished_before)} done, "
+        f"{len(cells) - len(finished_before)} to run, {jobs} at a time; estimated time left "
+        f"on this machine: {duration(left(set(finished_before)))}"
+    )
+    if progress:
+        bar.write(headline)
+    log.info(headline)
 
     def ready(cell: Cell) -> Cell | None | bool:
         """The cell to submit (transfer cells resolved), False to wait, None if it cannot run."""
@@ -566,6 +673,7 @@ def run_study(
                     skipped += 1
                     bar.update(1)
                     continue
+                started[cell.key] = time.perf_counter()
                 running[exe.submit(state.kind, to_dict(state.cfg))] = state
             if not running:
                 if waiting and not any(ready(c) is not False for c in waiting):
@@ -577,10 +685,13 @@ def run_study(
                 try:
                     results[cell.key] = fut.result()
                     ran += 1
+                    seconds = time.perf_counter() - started.pop(cell.key, time.perf_counter())
+                    timed.append((cell.kind, cell_steps(cell), seconds))
                 except Exception as err:  # one bad run must not sink the others
                     user = find_user_error(err)
                     failed[cell.key] = str(user) if user else f"{type(err).__name__}: {err}"
                     _record_error(cell, err)
+                bar.set_postfix_str(f"left ~{duration(left(set(results) | set(failed)))}")
                 bar.update(1)
                 if tracker and cell.key in results:
                     try:

@@ -28,7 +28,7 @@ from lowlabel.errors import LowlabelError
 STUDIES = Path(__file__).resolve().parent.parent / "studies"
 PROFILES = ("quick", "cpu", "paper")
 STEP_KEYS = ("train.steps", "pretrain.steps", "pretrain.save_steps")
-TRAIN_METRICS = ("test_loss", "mean_dice", "dice_csf", "dice_wm", "dice_gm", "steps")
+TRAIN_METRICS = ("test_loss", "mean_dice", "dice_csf", "dice_gm", "dice_wm", "steps")
 PRETRAIN_METRICS = ("train_loss", "val_mse", "val_mae")
 _TOP_KEYS = {
     "name",
@@ -41,6 +41,8 @@ _TOP_KEYS = {
     "tables",
     "comparisons",
 }
+EXPECT = ("higher", "lower", "same")
+"""What a comparison's ``claim`` says of ``a - b``."""
 _REF = re.compile(r"^@([\w.-]+)(?::(\d+))?$")
 
 
@@ -219,11 +221,13 @@ def _check_schema(study: Study) -> None:
         raise LowlabelError(f"{p}: a study needs at least one entry under 'tables'")
     for tname, table in study.tables.items():
         where = f"{p}: tables.{tname}"
-        bad = sorted(set(table) - {"title", "axes", "set", "pretraining", "steps", "metrics"})
+        bad = sorted(
+            set(table) - {"title", "axes", "set", "pretraining", "steps", "metrics", "claim"}
+        )
         if bad:
             raise LowlabelError(
                 f"{where}: unknown key '{bad[0]}' "
-                "(known: title, axes, set, pretraining, steps, metrics)"
+                "(known: title, axes, set, pretraining, steps, metrics, claim)"
             )
         if "pretraining" in table:
             if table["pretraining"] not in study.pretraining:
@@ -251,6 +255,10 @@ def _check_schema(study: Study) -> None:
         for key in ("table", "a", "b"):
             if key not in comp:
                 raise LowlabelError(f"{where}: missing '{key}' (needs name, table, a, b)")
+        if comp.get("expect", "higher") not in EXPECT:
+            raise LowlabelError(
+                f"{where}.expect: '{comp['expect']}' is not one of {', '.join(EXPECT)}"
+            )
         table = study.tables.get(str(comp["table"]))
         if table is None or "pretraining" in table:
             raise LowlabelError(f"{where}: '{comp['table']}' is not a training table of this study")
@@ -532,6 +540,15 @@ def _extent(path: str) -> tuple[float, ...]:
     return tuple(world_extent(img.shape, img.affine))
 
 
+def _saved_steps(table: str, cells: list[Cell]) -> list[int]:
+    """The steps at which a pretraining table's runs keep checkpoints (what the table shows):
+    the profile may pretrain for fewer steps than the table's scaled ``steps``."""
+    for cell in cells:
+        if cell.kind == "pretrain" and table in cell.labels:
+            return sorted(cell.cfg.pretrain.save_steps)
+    return []
+
+
 def plan_json(study: Study, profile: str, cells: list[Cell]) -> str:
     """The expanded study, as written to ``<study_dir>/plan.json``."""
     return json.dumps(
@@ -543,7 +560,8 @@ def plan_json(study: Study, profile: str, cells: list[Cell]) -> str:
             "axes": {a: list(v) for a, v in study.axes.items()},
             "comparisons": study.comparisons,
             "steps": {
-                t: [scale_step(s, profile_of(study, profile)) for s in tab.get("steps", [])]
+                t: _saved_steps(t, cells)
+                or [scale_step(s, profile_of(study, profile)) for s in tab.get("steps", [])]
                 for t, tab in study.tables.items()
                 if "pretraining" in tab
             },

@@ -111,69 +111,68 @@ def pretrain_curves(runs: list[Run], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def dice_vs_labels(runs: list[Run], path: Path) -> Path | None:
-    """Mean test Dice against labelled subjects, one line per network (scratch runs)."""
-    points: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for run in runs:
-        if run.kind != "train" or run.result is None or not run.result.get("test"):
-            continue
-        if run.config.get("transfer", {}).get("mode", "scratch") != "scratch":
-            continue
-        m, t = run.config["model"], run.config["train"]
-        name = (
-            f"{m['levels']}-level"
-            + (f" res{m['num_res_units']}" if m["num_res_units"] else "")
-            + f" p{t['patience']}"
-            + (f" {t['steps']} steps" if t["steps"] else "")
-        )
-        points[name][int(run.result["n_labelled"])].append(run.value("mean_dice"))
-    if not points:
+def dice_vs_labels(plan: dict, runs: list[Run], name: str, path: Path) -> Path | None:
+    """Mean test Dice against labelled subjects for one table's cells (same step budget and
+    network, so the points differ only in labels), mean and 95% CI over seeds."""
+    by_n: dict[int, list[float]] = defaultdict(list)
+    for _, group in table_cells(plan, runs, name):
+        for run in group:
+            if run.result is None or not run.result.get("test"):
+                continue
+            by_n[int(run.result["n_labelled"])].append(run.value("mean_dice"))
+    if not by_n:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for i, (name, by_n) in enumerate(sorted(points.items())):
-        ns = sorted(by_n)
-        shift = 0.06 * (i - (len(points) - 1) / 2)  # keep overlapping error bars apart
-        s = [summarize(by_n[n]) for n in ns]
-        lo = [x.mean - x.ci_low if x.n > 1 else 0 for x in s]
-        hi = [x.ci_high - x.mean if x.n > 1 else 0 for x in s]
-        ax.errorbar(
-            [n + shift for n in ns],
-            [x.mean for x in s],
-            yerr=[lo, hi],
-            marker="o",
-            capsize=3,
-            label=name,
-        )
+    ns = sorted(by_n)
+    s = [summarize(by_n[n], bounds=(0.0, 1.0)) for n in ns]
+    lo = [x.mean - x.ci_low if x.n > 1 else 0 for x in s]
+    hi = [x.ci_high - x.mean if x.n > 1 else 0 for x in s]
+    ax.errorbar(
+        ns, [x.mean for x in s], yerr=[lo, hi], marker="o", capsize=3, label=f"table {name}"
+    )
+    for n in ns:
+        ax.plot([n] * len(by_n[n]), by_n[n], ".", color="grey", alpha=0.6)
     ax.set(
         xlabel="labelled training subjects",
         ylabel="test mean Dice (95% CI over seeds)",
-        title="Dice against the number of labelled subjects",
+        title=f"Dice against the number of labelled subjects (table {name}; dots: seeds)",
     )
+    ax.set_xticks(ns)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, path)
 
 
 def overlay_slice(run: Run) -> dict | None:
-    """Image, truth and prediction on the mid-axial slice of the run's first test subject, as
-    its evaluation wrote them (``overlay.npz``, plain arrays); None for a run without one."""
+    """Image, truth and prediction on axial slices of the run's first test subject, as its
+    evaluation wrote them (``overlay.npz``, plain arrays), each ``(S, X, Y)``; None for a run
+    without one. An older file with one ``(X, Y)`` slice reads as ``S = 1``."""
     path = run.folder / OVERLAY
     if not path.exists():
         return None
     with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+        out = {k: data[k] for k in data.files}
+    for key in ("image", "label", "pred"):
+        if out[key].ndim == 2:
+            out[key] = out[key][None]
+    return out
+
+
+TISSUES = (("CSF", (0.2, 0.5, 1.0)), ("GM", (0.2, 0.85, 0.3)), ("WM", (1.0, 0.85, 0.1)))
+"""Label 1, 2, 3: name and colour, in the report's order."""
 
 
 def overlays(plan: dict, runs: list[Run], name: str, path: Path) -> Path | None:
-    """Test-slice segmentations of a table's cells (first seed): image, truth, prediction."""
+    """Test-slice segmentations of a table's cells (first seed): one row per axial slice; the
+    image, the reference and each cell's prediction, reference and predictions drawn alike."""
     shown = []
     for labels, group in table_cells(plan, runs, name):
         done = [r for r in group if r.result is not None and r.folder is not None]
         if done:
             try:
                 data = overlay_slice(done[0])
-            except (LowlabelError, OSError) as err:
+            except (LowlabelError, OSError, ValueError) as err:
                 log.warning("no overlay for %s: %s", done[0].folder, err)
                 data = None
             if data is not None:
@@ -182,29 +181,66 @@ def overlays(plan: dict, runs: list[Run], name: str, path: Path) -> Path | None:
         return None
     plt = _plt()
     from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
 
-    cmap = ListedColormap(
-        [(0, 0, 0, 0), (0.2, 0.5, 1, 0.55), (0.2, 0.85, 0.3, 0.55), (1, 0.85, 0.1, 0.55)]
-    )
+    cmap = ListedColormap([(0, 0, 0, 0)] + [(*c, 0.55) for _, c in TISSUES])
     first = shown[0][2]
-    panels = [("image", None, first), ("truth", "label", first)]
+    n_slices = min(d["image"].shape[0] for _, _, d in shown)
+    panels = [("image", None, first), ("reference label", "label", first)]
     panels += [
-        (f"{label}\nDice {run.value('mean_dice'):.3f}", "pred", data) for label, run, data in shown
+        (f"{label}\ntest Dice {run.value('mean_dice'):.3f}", "pred", data)
+        for label, run, data in shown
     ]
-    cols = min(4, len(panels))
-    rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.5 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.set_axis_off()
-    for ax, (title, key, data) in zip(axes.flat, panels, strict=False):
-        ax.imshow(np.rot90(data["image"]), cmap="gray")
-        if key:
-            ax.imshow(np.rot90(data[key]), cmap=cmap, vmin=0, vmax=3, interpolation="nearest")
-        ax.set_title(title, fontsize=8)
+    cols = len(panels)
+    fig, axes = plt.subplots(
+        n_slices, cols, figsize=(1.9 * cols, 2.0 * n_slices + 0.9), squeeze=False
+    )
+    slices = first.get("slices")
+    for row in range(n_slices):
+        for col, (title, key, data) in enumerate(panels):
+            ax = axes[row, col]
+            ax.set_axis_off()
+            ax.imshow(np.rot90(data["image"][row]), cmap="gray")
+            if key:
+                ax.imshow(
+                    np.rot90(data[key][row]), cmap=cmap, vmin=0, vmax=3, interpolation="nearest"
+                )
+            if row == 0:
+                ax.set_title(title, fontsize=7)
+            if col == 0:
+                for x, text in ((0.02, "L"), (0.98, "R")):
+                    ax.text(
+                        x,
+                        0.5,
+                        text,
+                        transform=ax.transAxes,
+                        color="white",
+                        fontsize=8,
+                        ha="left" if text == "L" else "right",
+                        va="center",
+                        weight="bold",
+                    )
+                if slices is not None and row < len(slices):
+                    ax.text(
+                        0.02,
+                        0.02,
+                        f"z={int(slices[row])}",
+                        transform=ax.transAxes,
+                        color="white",
+                        fontsize=6,
+                        va="bottom",
+                    )
+    fig.legend(
+        handles=[Patch(color=c, label=n) for n, c in TISSUES],
+        loc="lower center",
+        ncol=3,
+        fontsize=8,
+        frameon=False,
+    )
     fig.suptitle(
-        f"Test subject {first['subject']} (seed {shown[0][1].seed}), mid-axial slice: "
-        "CSF blue, GM green, WM yellow",
+        f"Test subject {first['subject']} (seed {shown[0][1].seed}), axial slices, "
+        "neurological convention (seen from above: subject's right on the right), anterior up",
         fontsize=9,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
     return _save(fig, path)

@@ -9,24 +9,36 @@ from pathlib import Path
 
 from lowlabel.atomic import write_text
 from lowlabel.study.report.figures import dice_vs_labels, learning_curves, overlays, pretrain_curves
-from lowlabel.study.report.runs import load_runs
+from lowlabel.study.report.runs import Run, load_runs
 from lowlabel.study.report.tables import (
     Table,
+    claims_table,
     comparison_table,
     comparisons,
     pretrain_runs,
     pretrain_table,
     runs_csv,
+    surface_table,
+    table_cells,
     train_table,
 )
-from lowlabel.study.stats import Difference
+from lowlabel.study.stats import (
+    DECISIONS,
+    MARGIN,
+    MIN_SEEDS,
+    Difference,
+    multiple_comparisons_note,
+)
 
 log = logging.getLogger(__name__)
 
 
 def _md_table(table: Table) -> str:
-    lines = ["| " + " | ".join(table.header) + " |", "|" + "---|" * len(table.header)]
-    lines += ["| " + " | ".join(row) + " |" for row in table.rows]
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(cell, table.header)) + " |", "|" + "---|" * len(table.header)]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in table.rows]
     return "\n".join(lines)
 
 
@@ -56,6 +68,7 @@ def build_report(study_dir: str | Path, overlays_on: bool = True) -> Path:
     finished = sum(r.status == "finished" for r in runs)
     blocks: list[tuple[str, object]] = []  # ("h2"|"p"|"table"|"img", payload)
     blocks.append(("h1", f"Study {plan['study']} ({plan['profile']} profile)"))
+    blocks.append(("p", data_words(plan, runs)))
     if plan.get("description"):
         blocks.append(("p", plan["description"]))
     blocks.append(
@@ -65,15 +78,28 @@ def build_report(study_dir: str | Path, overlays_on: bool = True) -> Path:
             "runs.csv. Study file: study.yaml; expanded plan: plan.json.",
         )
     )
+    diffs = comparisons(plan, runs)
+    if diffs:
+        claims = claims_table(plan, runs, diffs)
+        blocks.append(("h2", claims.title))
+        blocks.append(("table", claims))
+        blocks.append(("p", claims.note))
     pre_done = False
     for name, spec in plan["tables"].items():
         if "pretraining" in spec:
-            blocks.append(("h2", spec.get("title", name)))
+            steps = plan.get("steps", {}).get(name, [])
+            blocks.append(
+                (
+                    "h2",
+                    f"{spec.get('title', name)}: as run, saved at steps "
+                    + "/".join(map(str, steps)),
+                )
+            )
             blocks.append(("table", pretrain_table(plan, runs, name)))
             if not pre_done:
                 path = pretrain_curves(runs, figures / "pretraining_curves.png")
                 if path:
-                    blocks.append(("img", (path, "Pretraining curves (all methods, all seeds)")))
+                    blocks.append(("img", (path, "Pretraining curves: every method, every seed")))
                 pre_done = True
             for run in pretrain_runs(runs, plan, name)[:1]:
                 fig = (run.result or {}).get("figure")
@@ -83,29 +109,58 @@ def build_report(study_dir: str | Path, overlays_on: bool = True) -> Path:
                             "img",
                             (
                                 Path(fig),
-                                f"Reconstructions at each saved step "
-                                f"(seed {run.seed}): input, reconstruction, "
-                                "error",
+                                f"Reconstructions at steps {'/'.join(map(str, steps))} "
+                                f"(seed {run.seed}, a validation subject): input, "
+                                "reconstruction and their error (colour bar) on three mid-slices",
                             ),
                         )
                     )
             continue
         table = train_table(plan, runs, name)
-        blocks.append(("h2", table.title))
+        blocks.append(("h2", f"{table.title}: as run, {steps_words(plan, runs, name)}"))
         blocks.append(("table", table))
         blocks.append(("p", table.note))
+        surface = surface_table(plan, runs, name)
+        blocks.append(("table", surface))
+        blocks.append(("p", surface.note))
+        if "budget" in (spec.get("axes") or []):
+            path = dice_vs_labels(plan, runs, name, figures / "dice_vs_labels.png")
+            if path:
+                blocks.append(
+                    (
+                        "img",
+                        (
+                            path,
+                            f"Test mean Dice against labelled subjects, table {name} "
+                            "(mean and 95% CI over seeds)",
+                        ),
+                    )
+                )
         path = learning_curves(plan, runs, name, figures / f"curves_{name}.png")
         if path:
-            blocks.append(("img", (path, f"Learning curves, {name} (first seed solid)")))
+            blocks.append(
+                (
+                    "img",
+                    (
+                        path,
+                        f"Learning curves, table {name}: every seed of every cell "
+                        "(one colour per cell, one line per seed)",
+                    ),
+                )
+            )
         if overlays_on:
             path = overlays(plan, runs, name, figures / f"overlays_{name}.png")
             if path:
-                blocks.append(("img", (path, f"Segmentations on a test slice, {name}")))
-    path = dice_vs_labels(runs, figures / "dice_vs_labels.png")
-    if path:
-        blocks.append(("h2", "Dice against the number of labelled subjects"))
-        blocks.append(("img", (path, "Test mean Dice against labelled subjects")))
-    diffs = comparisons(plan, runs)
+                blocks.append(
+                    (
+                        "img",
+                        (
+                            path,
+                            f"Segmentations of one test subject, table {name}: "
+                            "reference and each cell's prediction (first seed)",
+                        ),
+                    )
+                )
     if diffs:
         blocks.append(("h2", "Which differences hold"))
         blocks.append(("table", comparison_table(diffs)))
@@ -143,19 +198,81 @@ def build_report(study_dir: str | Path, overlays_on: bool = True) -> Path:
     return study_dir / "report.html"
 
 
-def _summary_words(diffs: list[Difference]) -> str:
-    holds = [d.name for d in diffs if d.diff.n >= 2 and not d.diff.ci_low <= 0 <= d.diff.ci_high]
-    noise = [d.name for d in diffs if d.diff.n >= 2 and d.diff.ci_low <= 0 <= d.diff.ci_high]
-    few = [d.name for d in diffs if d.diff.n < 2]
-    parts = []
-    if holds:
-        parts.append("Differences that hold (95% CI excludes 0): " + "; ".join(holds) + ".")
-    if noise:
-        parts.append(
-            "Within noise (95% CI contains 0), so no conclusion: " + "; ".join(noise) + "."
+def steps_words(plan: dict, runs: list[Run], name: str) -> str:
+    """What the runs of a training table actually ran: step budget, steps run, validations."""
+    budgets, ran, val = set(), [], set()
+    for _, group in table_cells(plan, runs, name):
+        for run in group:
+            train = run.config.get("train", {})
+            budgets.add(int(train.get("steps", 0)))
+            val.add(int(train.get("val_every", 0)))
+            if run.result is not None:
+                ran.append(int(run.result.get("steps", 0)))
+    text = "budget " + "/".join(map(str, sorted(budgets))) + " steps"
+    if ran:
+        text += f" (ran {min(ran)}-{max(ran)})" if min(ran) != max(ran) else f" (ran {ran[0]})"
+    if val:
+        text += ", validation every " + "/".join(map(str, sorted(val)))
+    return text
+
+
+def data_words(plan: dict, runs: list[Run]) -> str:
+    """What the study ran on: the data, its size and splits, resolution, patch and network."""
+    train = [r for r in runs if r.kind == "train" and r.config]
+    if not train:
+        return "No runs planned."
+    cfg = train[0].config
+    d, m = cfg["data"], cfg["model"]
+    if d.get("dataset"):
+        data = f"Data: {d['dataset']}"
+    else:
+        data = (
+            f"Data: the SYNTHETIC demo cohort ({d['demo_subjects']} deformed copies of the "
+            "MNI152 template with random bias fields, contrast and noise; not patients): its "
+            "figures show that the pipeline works, not how well it works on real scans"
         )
-    if few:
-        parts.append("Too few paired seeds for an interval: " + "; ".join(few) + ".")
+    labelled = sorted(
+        {
+            int(r.result["n_labelled"])
+            for r in train
+            if r.result and r.result.get("n_labelled") is not None
+        }
+    )
+    dims = "2D (axial slices)" if d.get("spatial_dims") == 2 else "3D"
+    spacing = "x".join(f"{v:g}" for v in d["spacing"])
+    patch = "x".join(map(str, d["patch_size"]))
+    widths = sorted({int(r.config["model"]["channels"]) for r in train})
+    levels = sorted({int(r.config["model"]["levels"]) for r in train})
+    seeds = sorted({r.seed for r in runs})
+    return (
+        f"{data}. Splits per seed: {d['n_test']} test and {d['n_val']} validation subjects, "
+        f"the rest for training, of which "
+        + ("/".join(map(str, labelled)) if labelled else "a budget of")
+        + f" labelled. Resampled to {spacing} mm; {dims} patches of {patch} voxels; UNets of "
+        f"{'/'.join(map(str, levels))} levels starting at {'/'.join(map(str, widths))} "
+        f"channels ({m.get('norm', 'instance')} norm). Profile '{plan['profile']}', "
+        f"{len(seeds)} seed(s): {', '.join(map(str, seeds))}."
+    )
+
+
+def _summary_words(diffs: list[Difference]) -> str:
+    groups: dict[str, list[str]] = {k: [] for k in DECISIONS}
+    for d in diffs:
+        groups[d.decision].append(d.name)
+    words = {
+        "holds": "Differences that hold (95% CI excludes 0)",
+        "equivalent": f"Equivalent (95% CI inside ±{MARGIN:g})",
+        "undecided": f"Undecided (CI contains 0 but reaches beyond ±{MARGIN:g}; more seeds needed)",
+        "identical": "Identical runs on both sides (nothing to estimate)",
+        "too few seeds": f"Too few paired seeds for a decision (fewer than {MIN_SEEDS})",
+    }
+    parts = [f"{words[k]}: " + "; ".join(v) + "." for k, v in groups.items() if v]
+    decided = len(groups["holds"]) + len(groups["equivalent"])
+    if diffs:
+        parts.insert(0, f"{decided} of {len(diffs)} comparisons decided.")
+    note = multiple_comparisons_note(diffs)
+    if note:
+        parts.append(note)
     return " ".join(parts) or "No comparisons could be made yet."
 
 

@@ -19,11 +19,22 @@ TRAIN_COLUMNS = {
     "test_loss": "Test loss",
     "mean_dice": "Mean Dice",
     "dice_csf": "Dice CSF",
-    "dice_wm": "Dice WM",
     "dice_gm": "Dice GM",
+    "dice_wm": "Dice WM",
     "steps": "Steps run",
     "best_step": "Best step",
 }
+
+
+SURFACE_COLUMNS = {
+    "hd95_csf": "HD95 CSF (mm)",
+    "hd95_gm": "HD95 GM (mm)",
+    "hd95_wm": "HD95 WM (mm)",
+    "avd_csf_ml": "Vol. error CSF (mL)",
+    "avd_gm_ml": "Vol. error GM (mL)",
+    "avd_wm_ml": "Vol. error WM (mL)",
+}
+"""Boundary distance and absolute volume error per tissue, CSF, GM, WM (test subjects' means)."""
 
 
 PRETRAIN_COLUMNS = {"train_loss": "Train loss", "val_mse": "Val loss (MSE)", "val_mae": "Val MAE"}

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass
 
-from lowlabel.study.report.runs import PRETRAIN_COLUMNS, TRAIN_COLUMNS, Run
-from lowlabel.study.stats import Difference, Summary, paired, summarize
+from lowlabel.study.report.runs import PRETRAIN_COLUMNS, SURFACE_COLUMNS, TRAIN_COLUMNS, Run
+from lowlabel.study.stats import (
+    MIN_SEEDS,
+    Difference,
+    Summary,
+    metric_range,
+    paired,
+    summarize,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,43 @@ def _product(lists: list[list[str]]) -> list[list[str]]:
     return result
 
 
+def cell_text(s: Summary, digits: int = 3) -> str:
+    """A table cell: ``mean ± SD [95% CI]``, without the interval below :data:`MIN_SEEDS`
+    seeds (with two, a t interval spans 12.7 standard errors and says nothing)."""
+    if s.n < MIN_SEEDS and s.n >= 2 and s.sd > 0:
+        return f"{s.mean:.{digits}f} ± {s.sd:.{digits}f}"
+    return s.text(digits)
+
+
+def not_converged(run: Run) -> bool:
+    """A finished run whose best validation came at its last step: still improving when its
+    step budget ran out, so its figures understate what the arm can do."""
+    res = run.result or {}
+    best, steps = res.get("best_step"), res.get("steps")
+    return best is not None and steps is not None and best >= steps and steps > 0
+
+
+def identical_cells(plan: dict, runs: list[Run], name: str) -> dict[str, str]:
+    """Cells of a table whose runs gave exactly the same results as an earlier cell's, seed by
+    seed (e.g. patience arms when no run stopped early): ``{cell: the earlier cell}``."""
+    seen: dict[tuple, str] = {}
+    out = {}
+    for labels, group in table_cells(plan, runs, name):
+        done = [r for r in group if r.result is not None]
+        if not done:
+            continue
+        key = tuple(
+            (r.seed, r.result.get("steps"), json.dumps(r.result.get("test"), sort_keys=True))
+            for r in done
+        )
+        cell = ", ".join(labels.values())
+        if key in seen:
+            out[cell] = seen[key]
+        else:
+            seen[key] = cell
+    return out
+
+
 def train_table(plan: dict, runs: list[Run], name: str) -> Table:
     spec = plan["tables"][name]
     axes = spec.get("axes") or []
@@ -53,23 +98,61 @@ def train_table(plan: dict, runs: list[Run], name: str) -> Table:
     header = (
         [a.capitalize() for a in axes]
         + [TRAIN_COLUMNS.get(m, m) for m in metrics]
-        + ["Stopped early", "Seeds"]
+        + ["Stopped early", "Not converged", "Seeds"]
     )
+    same = identical_cells(plan, runs, name)
     rows = []
     for labels, group in table_cells(plan, runs, name):
         done = [r for r in group if r.result is not None]
         digits = {"steps": 0, "best_step": 0}
         cells = [labels[a] for a in axes]
         for metric in metrics:
-            cells.append(summarize(r.value(metric) for r in done).text(digits.get(metric, 3)))
+            s = summarize((r.value(metric) for r in done), bounds=metric_range(metric))
+            cells.append(cell_text(s, digits.get(metric, 3)))
         cells.append(f"{sum(bool(r.result.get('stopped_early')) for r in done)}/{len(done)}")
-        cells.append(f"{len(done)}/{len(group)}")
+        flag = sum(not_converged(r) for r in done)
+        cells.append(f"{flag}/{len(done)}" + (" ⚠" if flag else ""))
+        seeds = f"{len(done)}/{len(group)}"
+        cell = ", ".join(labels.values())
+        if cell in same:
+            seeds += f" (identical to {same[cell]})"
+        cells.append(seeds)
         rows.append(cells)
     note = (
         "Each cell: mean ± SD [95% CI] over seeds (each seed also draws the labelled "
-        "subjects); a single number when there is one seed or all seeds agree."
+        f"subjects); no interval with fewer than {MIN_SEEDS} seeds, too few for one that "
+        "means anything; a single number when there is one seed or all seeds agree. Dice and "
+        "test loss on the test subjects. Not converged: runs whose best validation was at "
+        "their last step (still improving when the step budget ran out; ⚠ read with care)."
     )
+    if same:
+        note += (
+            " Identical: " + "; ".join(f"{a} = {b}" for a, b in same.items()) + " (the same "
+            "runs on both rows, e.g. patience arms when no run stopped early)."
+        )
     return Table(name, spec.get("title", name), header, rows, note)
+
+
+def surface_table(plan: dict, runs: list[Run], name: str) -> Table:
+    """HD95 and absolute volume error per tissue (CSF, GM, WM) for a training table's cells."""
+    spec = plan["tables"][name]
+    axes = spec.get("axes") or []
+    rows = []
+    for labels, group in table_cells(plan, runs, name):
+        done = [r for r in group if r.result is not None]
+        cells = [labels[a] for a in axes]
+        for metric in SURFACE_COLUMNS:
+            s = summarize((r.value(metric) for r in done), bounds=metric_range(metric))
+            cells.append(s.text(1) if s.n < 2 else f"{s.mean:.1f} ± {s.sd:.1f}")
+        rows.append(cells)
+    return Table(
+        f"{name}-surface",
+        f"{spec.get('title', name)}: boundary distance and volume error",
+        [a.capitalize() for a in axes] + list(SURFACE_COLUMNS.values()),
+        rows,
+        "HD95: 95th percentile Hausdorff distance (mm); vol. error: absolute volume error (mL); "
+        "both on the test subjects at their native resolution; mean ± SD over seeds.",
+    )
 
 
 def pretrain_runs(runs: list[Run], plan: dict, name: str) -> list[Run]:
@@ -93,7 +176,8 @@ def pretrain_table(plan: dict, runs: list[Run], name: str) -> Table:
         found = [f for f in found if f is not None and f.get("step") == step]
         cells = [str(step)]
         for key in PRETRAIN_COLUMNS:
-            cells.append(summarize(float(f.get(key, float("nan"))) for f in found).text(4))
+            values = (float(f.get(key, float("nan"))) for f in found)
+            cells.append(cell_text(summarize(values, bounds=metric_range(key)), 4))
         cells.append(f"{len(found)}/{len(group)}")
         rows.append(cells)
     return Table(
@@ -127,14 +211,110 @@ def comparisons(plan: dict, runs: list[Run]) -> list[Difference]:
 
 def comparison_table(diffs: list[Difference]) -> Table:
     rows = [
-        [d.name, d.metric, d.a.text(), d.b.text(), d.diff.text(), str(d.diff.n), d.verdict]
+        [
+            d.name,
+            d.metric,
+            d.a.text(),
+            d.b.text(),
+            d.interval(),
+            str(d.diff.n),
+            d.decision,
+            d.verdict,
+        ]
         for d in diffs
     ]
     return Table(
         "comparisons",
         "Paired differences (a - b, paired by seed)",
-        ["Comparison", "Metric", "a", "b", "a - b", "Pairs", "Conclusion"],
+        ["Comparison", "Metric", "a", "b", "a - b [95% CI]", "Pairs", "Decision", "In words"],
         rows,
+    )
+
+
+NOT_CLAIMED = "(not a claim of the original; a check lowlabel adds)"
+
+
+def answer(diff: Difference, expect: str) -> str:
+    """lowlabel's answer to a claim, in words, from the decision on its comparison.
+
+    Args:
+        diff: the paired difference ``a - b`` the claim rests on.
+        expect: the sign of ``a - b`` that agrees with the claim: higher, lower or same.
+    """
+    decision, mean = diff.decision, diff.diff.mean
+    if diff.diff.n == 0:
+        return "not measured yet"
+    if decision == "too few seeds":
+        return f"cannot tell: {diff.diff.n} paired seed(s) are too few for a decision"
+    if decision == "identical":
+        return "cannot tell: the runs on both sides were identical"
+    if decision == "undecided":
+        return f"open: the CI contains 0 and reaches beyond ±{diff.margin:g}; more seeds needed"
+    if decision == "equivalent":
+        if expect == "same":
+            return f"agrees: equivalent within ±{diff.margin:g}"
+        return f"disagrees: no difference beyond ±{diff.margin:g}"
+    direction = "higher" if mean > 0 else "lower"
+    if expect == "same":
+        return f"disagrees: a real difference ({direction} by {abs(mean):.3f})"
+    if direction == expect:
+        return f"agrees: {direction} by {abs(mean):.3f}"
+    return f"contradicts: {direction} by {abs(mean):.3f}, the opposite direction"
+
+
+def pretrain_claims(plan: dict, runs: list[Run]) -> list[tuple[str, Difference, str]]:
+    """The claims on pretraining tables: validation loss (MSE) at the run's last validation
+    against its first, paired by seed; a claim that training improves reconstruction expects
+    lower."""
+    out = []
+    for name, spec in plan["tables"].items():
+        if "pretraining" not in spec or not spec.get("claim"):
+            continue
+        first, last, steps = {}, {}, set()
+        for run in pretrain_runs(runs, plan, name):
+            rows = [r for r in run.metrics if "val_mse" in r]
+            if run.result is None or len(rows) < 2:
+                continue
+            first[str(run.seed)] = float(rows[0]["val_mse"])
+            last[str(run.seed)] = float(rows[-1]["val_mse"])
+            steps.add((rows[0]["step"], rows[-1]["step"]))
+        where = (
+            "at step {1} vs {0}".format(*sorted(steps)[0])
+            if len(steps) == 1
+            else "at the last validation vs the first"
+        )
+        diff = paired(f"{name}: val MSE {where}", "val_mse", last, first)
+        out.append((str(spec["claim"]), diff, "lower"))
+    return out
+
+
+def claims_table(plan: dict, runs: list[Run], diffs: list[Difference]) -> Table:
+    """Each claim of the original study next to lowlabel's answer: one row per comparison of
+    the study (claimed ones first) and one per pretraining table with a claim."""
+    specs = plan.get("comparisons", [])
+    rows = []
+    claimed = [(c, d) for c, d in zip(specs, diffs, strict=True) if c.get("claim")]
+    for comp, diff in claimed:
+        rows.append((str(comp["claim"]), diff, comp.get("expect", "higher")))
+    rows += pretrain_claims(plan, runs)
+    rows += [(NOT_CLAIMED, d, "") for c, d in zip(specs, diffs, strict=True) if not c.get("claim")]
+    return Table(
+        "claims",
+        "The original study's claims, answered",
+        ["The original found", "lowlabel compares", "a - b [95% CI]", "Decision", "Answer"],
+        [
+            [
+                claim,
+                f"{d.name} ({d.metric})",
+                d.interval(),
+                d.decision,
+                answer(d, expect) if expect else d.decision,
+            ]
+            for claim, d, expect in rows
+        ],
+        "The original's figures are single runs on other data; lowlabel's are paired differences "
+        "over seeds on this study's data. Decision: holds (95% CI excludes 0), equivalent (CI "
+        "inside ±0.01), undecided (neither), identical (nothing differed), too few seeds.",
     )
 
 
