@@ -226,9 +226,12 @@ def skull_part(args, run: Path, work: Path) -> dict:
         return out
 
     deadline = time.monotonic() + 60 * args.ixi_minutes
-    rows = []
+    rows = previous_rows(args)
+    done = {r["id"] for r in rows}
     out = work / "ixi"
     for sid in ids:
+        if sid in done:
+            continue
         if time.monotonic() > deadline:
             break
         raw, ss = IXI / f"{sid}_T1.nii.gz", IXI / f"{sid}_SS.nii.gz"
@@ -284,7 +287,8 @@ def skull_part(args, run: Path, work: Path) -> dict:
         )
         for folder in (out / "chain", out / "ss", out / "given"):  # keep the disk use flat
             shutil.rmtree(folder, ignore_errors=True)
-    bet_rows = brainextractor_check(ids[: args.bet_scans])
+    old = previous(args).get("brainextractor")
+    bet_rows = old if old and "error" not in old else brainextractor_check(ids[: args.bet_scans])
     given_rows = [r for r in rows if r["tissue_dice_ss_as_given"]]
     n = len(rows)
     mean = lambda xs: round(float(np.mean(xs)), 4)  # noqa: E731
@@ -315,7 +319,8 @@ def skull_part(args, run: Path, work: Path) -> dict:
         },
         "goal": {"mask_dice": 0.95, "tissue_dice_within": 0.01},
         "brainextractor": bet_rows,
-        "selection": f"IXI ids in name order until {args.ixi_minutes} minutes were used",
+        "selection": f"IXI ids in name order until {args.ixi_minutes} minutes were used"
+        + (" (continuing the scans of the previous result)" if args.ixi_continue else ""),
         "notes": (
             "Tissue Dice against the DLMUSE tissue labels (automatic, CSF = ventricles only), "
             "mean over CSF, GM and WM; the raw chain is deepbet's mask, then segmentation with "
@@ -324,6 +329,20 @@ def skull_part(args, run: Path, work: Path) -> dict:
         ),
         "per_scan": rows,
     }
+
+
+def previous(args) -> dict:
+    """The ``skull_strip`` result already in ``--out`` when continuing it with the same model."""
+    if not args.ixi_continue or not args.out.is_file():
+        return {}
+    old = json.loads(args.out.read_text()).get("skull_strip") or {}
+    same_model = (old.get("model") or {}).get("run_dir") == str(args.run_dir)
+    return old if same_model else {}
+
+
+def previous_rows(args) -> list[dict]:
+    """Per-scan rows of the previous result (``--ixi-continue``), measured with the same model."""
+    return list(previous(args).get("per_scan") or [])
 
 
 def brainextractor_check(ids: list[str]) -> dict:
@@ -378,9 +397,16 @@ def run(args) -> dict:
     work.mkdir(parents=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     before = load()
-    bids, derivatives = bids_part(args, run_dir, subjects, label_map, work, env)
+    if args.only_ixi:  # the BIDS and MONAI-bundle keys stay as they are in --out
+        from lowlabel.bundle import export
+
+        export(run_dir, work / "model")
+        bids = monai = None
+    else:
+        bids, derivatives = bids_part(args, run_dir, subjects, label_map, work, env)
     after_bids = load()
-    monai = monai_part(run_dir, subjects, derivatives, work, env)
+    if not args.only_ixi:
+        monai = monai_part(run_dir, subjects, derivatives, work, env)
     skull = skull_part(args, run_dir, work) if args.ixi_minutes > 0 else None
     common = {
         "machine": machine(),
@@ -399,9 +425,17 @@ def run(args) -> dict:
         "command": " ".join(["python", Path(__file__).relative_to(ROOT).as_posix()] + sys.argv[1:]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    out = {"bids": dict(bids, **common), "monai_bundle": dict(monai, **common)}
+    out = (
+        {}
+        if args.only_ixi
+        else {"bids": dict(bids, **common), "monai_bundle": dict(monai, **common)}
+    )
     if skull is not None:
         out["skull_strip"] = dict(skull, **common)
+        if previous(args):
+            earlier = previous(args)
+            out["skull_strip"]["earlier_command"] = earlier.get("command")
+            out["skull_strip"]["earlier_scans"] = earlier.get("scans")
     if not args.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return out
@@ -431,6 +465,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bet-scans", type=int, default=3)
     p.add_argument("--as-given-scans", type=int, default=10)
     p.add_argument("--keep-work", action="store_true")
+    p.add_argument("--only-ixi", action="store_true", help="Measure only the IXI skull-strip part.")
+    p.add_argument(
+        "--ixi-continue",
+        action="store_true",
+        help="Keep the per-scan IXI rows already in --out (same model) and measure the rest.",
+    )
     return p
 
 
