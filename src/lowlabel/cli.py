@@ -59,6 +59,12 @@ RunsOpt = Annotated[
     Path | None, typer.Option("--out", "-o", help="Folder for runs (default: runs/).")
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+TtaOpt = Annotated[
+    bool,
+    typer.Option(
+        "--tta", help="Test-time augmentation: average over flipped copies (8x the work in 3D)."
+    ),
+]
 
 
 @contextlib.contextmanager
@@ -167,14 +173,18 @@ def evaluate(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the summary as one JSON line (for scripts).")
     ] = False,
+    tta: TtaOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Evaluate a run's best weights at native resolution (Dice, HD95, volume error)."""
+    """Evaluate a run's best weights at native resolution (Dice, HD95, volume error).
+
+    With --tta the figures are printed only; the run's evaluation files keep the plain ones.
+    """
     _must_exist(run_dir, "run folder not found; give a folder that 'lowlabel train' wrote")
     _must_exist(data, NO_DATASET)
     from lowlabel.engine.runs import evaluate_run
 
-    summary = evaluate_run(run_dir, data, progress=not quiet)
+    summary = evaluate_run(run_dir, data, progress=not quiet, tta=tta)
     if as_json:
         typer.echo(
             json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()})
@@ -448,9 +458,14 @@ def report(
 # --- export and segment commands ---
 
 
-@app.command(short_help="Turn a finished run into a model bundle.")
+@app.command(short_help="Turn a finished run (or several: an ensemble) into a model bundle.")
 def export(
-    run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
+    run_dirs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="A finished run folder; several make an ensemble (probabilities averaged)."
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="New folder for the model bundle.")],
     allow_unfinished: Annotated[
         bool,
@@ -461,11 +476,14 @@ def export(
     ] = False,
 ) -> None:
     """Turn a finished run into a self-contained model bundle (safetensors weights, config,
-    provenance)."""
-    _must_exist(run_dir, "run folder not found; give a folder that 'lowlabel train' wrote")
+    provenance). Several runs preprocessed alike (e.g. a study cell's seeds) make one ensemble
+    bundle whose class probabilities are averaged; segment uses it like a single model."""
+    for run_dir in run_dirs:
+        _must_exist(run_dir, "run folder not found; give a folder that 'lowlabel train' wrote")
     from lowlabel.bundle import export as export_bundle
 
-    typer.echo(f"wrote model bundle {export_bundle(run_dir, out, allow_unfinished)}")
+    runs = run_dirs[0] if len(run_dirs) == 1 else run_dirs
+    typer.echo(f"wrote model bundle {export_bundle(runs, out, allow_unfinished)}")
 
 
 @app.command(short_help="Segment scans; volumes in volumes.csv.")
@@ -476,6 +494,7 @@ def segment(
     probabilities: Annotated[
         bool, typer.Option("--probabilities", help="Also write one probability map per tissue.")
     ] = False,
+    tta: TtaOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Segment scans into CSF, GM and WM on each scan's own grid; tissue volumes in volumes.csv.
@@ -491,7 +510,9 @@ def segment(
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from lowlabel.segment import segment as segment_scans
 
-    result = segment_scans(model_dir, inputs, out, probabilities=probabilities, progress=not quiet)
+    result = segment_scans(
+        model_dir, inputs, out, probabilities=probabilities, progress=not quiet, tta=tta
+    )
     if result.rows:
         typer.echo(
             f"segmented {len(result.rows)} scan(s) into {out}; volumes in {result.volumes_csv}"

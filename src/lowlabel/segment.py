@@ -151,12 +151,18 @@ def check_scan(path: Path, bundle: Bundle) -> None:
 
 
 def segment_scan(
-    bundle: Bundle, pre, path: Path, out_dir: Path, probabilities: bool = False
+    bundle: Bundle,
+    pre,
+    path: Path,
+    out_dir: Path,
+    probabilities: bool = False,
+    tta: bool = False,
 ) -> dict:
     """Segment one scan and write ``<name>_seg.nii.gz`` (and probability maps) into ``out_dir``.
 
     Args:
         pre: ``preprocess(bundle.cfg.data, keys=("image",))``, built once per batch.
+        tta: test-time augmentation by flips (4 or 8 predictions averaged).
 
     Returns:
         The scan's row of ``volumes.csv``.
@@ -169,7 +175,7 @@ def segment_scan(
 
     check_scan(path, bundle)
     item = unwrap(pre, {"image": str(path)})
-    logits = predict_logits(bundle.model, item["image"], bundle.cfg)
+    logits = predict_logits(bundle.model, item["image"], bundle.cfg, tta)
     probs = torch.softmax(logits, 0)
     del logits
     native = to_native(probs, item["image"], pre)
@@ -208,6 +214,7 @@ def segment(
     probabilities: bool = False,
     progress: bool = True,
     threads: int = 0,
+    tta: bool = False,
 ) -> SegmentResult:
     """Segment scans with a bundle; one bad scan does not stop the others.
 
@@ -217,6 +224,7 @@ def segment(
         out_dir: where ``<name>_seg.nii.gz``, optional ``<name>_prob_{csf,gm,wm}.nii.gz`` and
             ``volumes.csv`` (CSF, GM, WM and total brain = GM + WM, in mL) are written.
         threads: torch threads, 0 for all cores (:func:`lowlabel.engine.runtime.thread_count`).
+        tta: test-time augmentation by flips: 4 (2D) or 8 (3D) times the network's work.
 
     Returns:
         The volume rows and one error line per input that could not be segmented.
@@ -258,7 +266,7 @@ def segment(
             continue
         names[name] = path
         try:
-            result.rows.append(segment_scan(bundle, pre, path, out_dir, probabilities))
+            result.rows.append(segment_scan(bundle, pre, path, out_dir, probabilities, tta))
         except LowlabelError as err:
             result.errors.append(str(err))
     if result.rows:

@@ -47,8 +47,14 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, nn.Module]:
     return cfg, model
 
 
-def evaluate_run(run_dir: str | Path, data: str | None = None, progress: bool = True) -> dict:
-    """Re-evaluate a run on its test split, or on every subject of another dataset."""
+def evaluate_run(
+    run_dir: str | Path, data: str | None = None, progress: bool = True, tta: bool = False
+) -> dict:
+    """Re-evaluate a run on its test split, or on every subject of another dataset.
+
+    The test split's evaluation files in the run folder are rewritten, except with ``tta``
+    (test-time augmentation by flips), whose figures are only returned.
+    """
     run_dir = Path(run_dir)
     cfg, model = load_run(run_dir)
     runtime(cfg)  # the thread policy of training, so evaluation runs as it did inside training
@@ -68,8 +74,8 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, progress: bool = 
                 f"{source}: test subjects {gone[:5]} of {split_path} are no "
                 "longer in the dataset; evaluate with --data DATASET instead"
             )
-        subjects, out = ds.by_id(test), run_dir
+        subjects, out = ds.by_id(test), None if tta else run_dir
     else:
         ds = load_dataset(data)
         subjects, out = ds.subjects, None
-    return evaluate(model, cfg, subjects, out, progress)["summary"]
+    return evaluate(model, cfg, subjects, out, progress, tta)["summary"]
