@@ -463,7 +463,8 @@ def export(
     run_dirs: Annotated[
         list[Path],
         typer.Argument(
-            help="A finished run folder; several make an ensemble (probabilities averaged)."
+            metavar="RUN_DIR",
+            help="A finished run folder; several make an ensemble (probabilities averaged).",
         ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="New folder for the model bundle.")],
