@@ -138,3 +138,18 @@ def test_tensors_that_share_memory_are_saved_as_copies(tmp_path):
     tensors, meta = checkpoint.load(tmp_path / "w.safetensors")
     assert meta == {"kind": "x"} and all(torch.equal(tensors[k], w) for k in "ab")
     assert torch.equal(tensors["c"], w[0])
+
+
+@pytest.mark.parametrize("profile", ["quick", "cpu", "paper"])
+def test_every_lever_of_the_levers_study_is_its_own_run(profile, tmp_path):
+    """Two levers with one config would be one run filling one cell: the other would lose its
+    comparison (as the 64-voxel patch lever did at 1 mm, where 64 voxels was the default)."""
+    from lowlabel.study import spec
+
+    study = spec.load_study("levers")
+    cells = spec.expand(study, profile, None, tmp_path, seeds=[0])
+    levers = {c.labels["levers"]["lever"] for c in cells}
+    assert levers == set(study.axes["lever"]) and len(cells) == len(levers)
+    assert all(len(c.labels) == 1 for c in cells)
+    names = {comp["a"]["lever"] for comp in study.comparisons} | {"default"}
+    assert names == levers  # every lever is compared, each against the default or its base
