@@ -173,3 +173,14 @@ def test_evaluate_uses_the_thread_policy_of_training(tiny_dataset, tmp_path, mon
         assert torch.get_num_threads() == 3  # as in training, not all 4 cores
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_kill_during_a_safetensors_write_leaves_nothing_after_resume(tmp_path):
+    """safetensors writes through a ``.tmpXXXXXX`` file of its own; a run killed during
+    ``save_file`` left one in its folder, which resuming did not remove."""
+    from lowlabel.atomic import remove_temporaries
+
+    for name in (".tmpZZh0nR", ".last.x1.tmp.safetensors", "best.safetensors", "tmp.txt"):
+        (tmp_path / name).write_bytes(b"\0")
+    assert remove_temporaries(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors", "tmp.txt"]
