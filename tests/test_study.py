@@ -395,12 +395,15 @@ def _runs_csv(study_dir: Path) -> list[dict]:
 
 def one_cell_per_kind(study: study_spec.Study) -> study_spec.Study:
     """``study`` cut to a plain training cell, a transfer cell and the pretraining run it needs,
-    with the tables and comparisons that name only those."""
+    with the tables and comparisons that name only those; a study without pretraining keeps the
+    first and the last level of each axis instead (two runs, so a rerun can find one interrupted
+    and one missing)."""
     keep_axes = {}
     for axis, levels in study.axes.items():
         plain = [lv for lv, v in levels.items() if not (v or {}).get("transfer.init_from")]
         transfer = [lv for lv, v in levels.items() if (v or {}).get("transfer.init_from")]
-        keep_axes[axis] = {lv: levels[lv] for lv in plain[:1] + transfer[:1]}
+        second = transfer[:1] if study.pretraining else plain[1:][-1:]
+        keep_axes[axis] = {lv: levels[lv] for lv in plain[:1] + second}
     refs = {
         str(v["transfer.init_from"]).lstrip("@").split(":")[0]
         for levels in keep_axes.values()
@@ -465,7 +468,8 @@ def test_shipped_study_smoke_run_then_rerun_finishes_only_missing(
     assert first.failed == {} and first.ran == first.runs and first.skipped == 0
     plan = json.loads((out / "plan.json").read_text())
     kinds = sorted((c["kind"], bool(c["needs"])) for c in plan["cells"])
-    assert kinds == [("pretrain", False), ("train", False), ("train", True)][: len(kinds)]
+    expected = [("pretrain", False), ("train", False), ("train", True)]
+    assert kinds == (expected if study.pretraining else [("train", False)] * 2)
     folders = {Path(c["run_dir"]) for c in plan["cells"]}
     assert len(folders) == first.runs and all((f / "result.json").exists() for f in folders)
     rows = _runs_csv(out)
@@ -547,7 +551,9 @@ def test_shipped_study_smoke_run_then_rerun_finishes_only_missing(
 
 def test_cli_study_list(monkeypatch, capsys):
     code, text = _cli(monkeypatch, capsys, "study", "list")
-    assert code == 0 and text.startswith("seed:") and "1a" in text
+    lines = text.splitlines()
+    assert code == 0 and [line.split(":")[0] for line in lines] == ["levers", "seed"]
+    assert "1a" in lines[1] and "(levers)" in lines[0]
 
 
 @pytest.mark.parametrize(

@@ -50,8 +50,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 def remove_temporaries(folder: str | Path) -> int:
     """Delete the temporary files a process killed mid-write left in ``folder`` (the files they
-    were meant to replace are intact); returns how many. Only for a folder one process owns."""
-    stale = list(Path(folder).glob(".*.tmp*"))
+    were meant to replace are intact); returns how many. Only for a folder one process owns.
+
+    Ours are ``.<name>.<random>.tmp<suffix>``; safetensors (0.8) writes its file through one of
+    its own first, ``.tmp<random>`` (Rust's ``tempfile`` naming), so a kill during
+    ``save_file`` leaves that.
+    """
+    stale = sorted(set(Path(folder).glob(".*.tmp*")) | set(Path(folder).glob(".tmp*")))
     for path in stale:
         path.unlink(missing_ok=True)
     return len(stale)

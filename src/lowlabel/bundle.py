@@ -8,6 +8,12 @@ A bundle folder holds
 - ``bundle.json``: format version, label names, the preprocessing parameters in words and numbers,
   and provenance (dataset, label budget and labelled subjects, seed, test metrics, versions).
 
+An ensemble bundle, exported from several runs preprocessed alike (e.g. the seeds of a study cell),
+holds every member's weights (``model.members.<i>.*``) and averages their class probabilities;
+its ``bundle.json`` says ``"ensemble": <members>`` (format version 2), lists each member's
+provenance under ``members`` and keeps the first member's under ``provenance``, without test
+metrics (no run measured the ensemble).
+
 Loading reads JSON, YAML (``safe_load``) and safetensors only: nothing is ever unpickled.
 """
 
@@ -19,6 +25,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +42,7 @@ from lowlabel.errors import LowlabelError
 log = logging.getLogger(__name__)
 
 FORMAT = "lowlabel-bundle"
-VERSION = 1
+VERSION = 2  # 2: ensembles; a single model's bundle is still written as version 1
 WEIGHTS, CONFIG, INFO = "model.safetensors", "config.yaml", "bundle.json"
 
 
@@ -79,29 +86,10 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def export(run_dir: str | Path, model_dir: str | Path, allow_unfinished: bool = False) -> Path:
-    """Write the bundle of a finished run into ``model_dir`` (made whole, then renamed in place).
-
-    Args:
-        run_dir: a run folder written by ``lowlabel train``.
-        model_dir: a new (or empty) folder.
-        allow_unfinished: export the best weights so far of a run without ``result.json``
-            (interrupted, or still training).
-
-    Returns:
-        ``model_dir``.
-
-    Raises:
-        LowlabelError: not a run folder, an unfinished run (unless ``allow_unfinished``), or
-            ``model_dir`` exists and is not empty.
-    """
+def _member(run_dir: Path, allow_unfinished: bool) -> tuple[RunConfig, nn.Module, dict]:
+    """The config, best model and provenance of one run to export."""
     from lowlabel.engine.runs import load_run
-    from lowlabel.provenance import provenance
-    from lowlabel.qc import reference_for_run
 
-    run_dir, model_dir = Path(run_dir), Path(model_dir)
-    if model_dir.exists() and (not model_dir.is_dir() or any(model_dir.iterdir())):
-        raise LowlabelError(f"{model_dir}: exists and is not an empty folder; choose a new folder")
     cfg, model = load_run(run_dir)
     weights_meta = checkpoint.read_meta(run_dir / run_folder.BEST)
     split = _read_json(run_dir / run_folder.SPLITS) or {}
@@ -117,39 +105,113 @@ def export(run_dir: str | Path, model_dir: str | Path, allow_unfinished: bool = 
     if result is None:
         log.warning("%s: unfinished run; exporting its best weights so far", run_dir)
     test = (result or {}).get("test") or None
+    provenance = {
+        "run_dir": str(run_dir.resolve()),
+        "run_name": cfg.name,
+        "dataset": split.get("source") or cfg.data.dataset or "demo cohort",
+        "label_budget": cfg.data.budget,
+        "labelled_subjects": split.get("train"),
+        "test_subjects": split.get("test"),
+        "seed": cfg.seed,
+        "split_seed": cfg.data.split_seed,
+        "steps": (result or {}).get("steps"),
+        "best_step": weights_meta.get("step"),
+        "val_dice": weights_meta.get("val_dice"),
+        "test_metrics": (
+            {k: v for k, v in test.items() if not k.endswith("_sd")} if test else None
+        ),
+        "trained_with": {k: trained.get(k) for k in ("lowlabel", "git_revision", "torch", "monai")},
+    }
+    return cfg, model, provenance
+
+
+def _trained_on(runs: list[Path]) -> dict:
+    """The ``splits.json`` of the runs taken together: their source and every labelled subject
+    any of them trained on (empty when they come from different sources)."""
+    splits = [_read_json(run / run_folder.SPLITS) or {} for run in runs]
+    if len({s.get("source") for s in splits}) != 1:
+        return {}
+    train = [sid for s in splits for sid in s.get("train") or []]
+    return {"source": splits[0].get("source"), "train": list(dict.fromkeys(train))}
+
+
+def _check_alike(runs: list[Path], configs: list[RunConfig]) -> None:
+    """Refuse an ensemble of runs that preprocess scans differently or differ in network."""
+    first = configs[0]
+    for run, cfg in zip(runs[1:], configs[1:], strict=True):
+        for what, mine, theirs in (
+            ("preprocessing", preprocessing_parameters(cfg), preprocessing_parameters(first)),
+            ("network", to_dict(cfg.model), to_dict(first.model)),
+        ):
+            keys = [k for k in mine if mine[k] != theirs[k]]
+            if keys:
+                raise LowlabelError(
+                    f"{run}: its {what} differs from that of {runs[0]} ({keys[0]}: "
+                    f"{mine[keys[0]]} vs {theirs[keys[0]]}); an ensemble needs runs with the "
+                    f"same {what}"
+                )
+
+
+def export(
+    run_dir: str | Path | Sequence[str | Path],
+    model_dir: str | Path,
+    allow_unfinished: bool = False,
+) -> Path:
+    """Write the bundle of a finished run, or of an ensemble of runs, into ``model_dir`` (made
+    whole, then renamed in place).
+
+    Args:
+        run_dir: a run folder written by ``lowlabel train``, or several: their models become one
+            ensemble whose class probabilities are averaged.
+        model_dir: a new (or empty) folder.
+        allow_unfinished: export the best weights so far of a run without ``result.json``
+            (interrupted, or still training).
+
+    Returns:
+        ``model_dir``.
+
+    Raises:
+        LowlabelError: not a run folder, an unfinished run (unless ``allow_unfinished``),
+            ensemble members whose preprocessing or network differ, or ``model_dir`` exists and
+            is not empty.
+    """
+    from lowlabel.engine.inference import Ensemble
+    from lowlabel.provenance import provenance
+    from lowlabel.qc import reference_for_run
+
+    many = not isinstance(run_dir, (str, os.PathLike))
+    runs = [Path(r) for r in run_dir] if many else [Path(run_dir)]
+    if not runs:
+        raise LowlabelError("export: give at least one run folder")
+    model_dir = Path(model_dir)
+    if model_dir.exists() and (not model_dir.is_dir() or any(model_dir.iterdir())):
+        raise LowlabelError(f"{model_dir}: exists and is not an empty folder; choose a new folder")
+    members = [_member(run, allow_unfinished) for run in runs]
+    _check_alike(runs, [m[0] for m in members])
+    cfg, model, first = members[0]
+    ensemble = len(members) > 1
     info = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": VERSION if ensemble else 1,
         "labels": dict(enumerate(LABEL_NAMES)),
         "preprocessing": preprocessing_parameters(cfg),
-        "provenance": {
-            "run_dir": str(run_dir.resolve()),
-            "run_name": cfg.name,
-            "dataset": split.get("source") or cfg.data.dataset or "demo cohort",
-            "label_budget": cfg.data.budget,
-            "labelled_subjects": split.get("train"),
-            "test_subjects": split.get("test"),
-            "seed": cfg.seed,
-            "split_seed": cfg.data.split_seed,
-            "steps": (result or {}).get("steps"),
-            "best_step": weights_meta.get("step"),
-            "val_dice": weights_meta.get("val_dice"),
-            "test_metrics": (
-                {k: v for k, v in test.items() if not k.endswith("_sd")} if test else None
-            ),
-            "trained_with": {
-                k: trained.get(k) for k in ("lowlabel", "git_revision", "torch", "monai")
-            },
-        },
+        "provenance": dict(first, test_metrics=None) if ensemble else first,
         # what the model saw in training, for the QC warnings of lowlabel.qc
-        "qc_reference": reference_for_run(split, cfg.data.label_map),
-        "exported_with": {
-            k: v
-            for k, v in provenance().items()
-            if k in ("lowlabel", "git_revision", "torch", "monai", "python")
-        },
-        "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "qc_reference": reference_for_run(_trained_on(runs), cfg.data.label_map),
     }
+    if ensemble:
+        model = Ensemble([m[1] for m in members])
+        info.update(ensemble=len(members), members=[m[2] for m in members])
+    info.update(
+        {
+            "exported_with": {
+                k: v
+                for k, v in provenance().items()
+                if k in ("lowlabel", "git_revision", "torch", "monai", "python")
+            },
+            "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+    )
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=model_dir.parent, prefix=f".{model_dir.name}."))
     try:
@@ -177,6 +239,7 @@ def load(model_dir: str | Path) -> Bundle:
         LowlabelError: the folder is missing, is not a bundle (e.g. a run folder not yet
             exported), or its files are damaged or do not fit each other.
     """
+    from lowlabel.engine.inference import Ensemble
     from lowlabel.models.unet import build_model
 
     path = Path(model_dir)
@@ -220,7 +283,16 @@ def load(model_dir: str | Path) -> Bundle:
     if not weights.is_file():
         raise LowlabelError(f"{weights}: missing; the model folder is incomplete, re-export it")
     tensors, _ = checkpoint.load(weights)
-    model = build_model(cfg.model, cfg.data.spatial_dims)
+    members = info.get("ensemble", 1)
+    stored = {k.split(".")[2] for k in tensors if k.startswith("model.members.")}
+    if not isinstance(members, int) or isinstance(members, bool) or members < 1:
+        raise LowlabelError(f"{info_path}: 'ensemble' is not a number of models; re-export it")
+    if members > 1 and len(stored) != members:  # before building that many networks
+        raise LowlabelError(
+            f"{weights}: holds {len(stored)} models but {info_path} says {members}; re-export it"
+        )
+    nets = [build_model(cfg.model, cfg.data.spatial_dims) for _ in range(members)]
+    model = nets[0] if members == 1 else Ensemble(nets)
     try:
         model.load_state_dict(checkpoint.split(tensors, "model"))
     except RuntimeError:

@@ -23,8 +23,17 @@ META_KEY = "lowlabel"
 
 
 def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Write tensors and metadata atomically (temporary name, then rename)."""
-    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    """Write tensors and metadata atomically (temporary name, then rename).
+
+    A tensor that shares memory with an earlier one, wholly or in part, is written as a copy:
+    safetensors refuses shared memory, and MONAI's ``DynUNet`` reaches each block by two names.
+    """
+    flat, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().contiguous().cpu()
+        storage = v.untyped_storage().data_ptr()
+        flat[k] = v.clone() if storage in seen and v.nbytes else v
+        seen.add(storage)
     with atomic_path(path) as tmp:
         save_file(flat, str(tmp), metadata={META_KEY: json.dumps(meta)})
 

@@ -66,6 +66,12 @@ DeviceOpt = Annotated[
         help="auto (a CUDA device when there is one, else the CPU), cpu, cuda or cuda:N.",
     ),
 ]
+TtaOpt = Annotated[
+    bool,
+    typer.Option(
+        "--tta", help="Test-time augmentation: average over flipped copies (8x the work in 3D)."
+    ),
+]
 
 
 @contextlib.contextmanager
@@ -185,14 +191,18 @@ def evaluate(
         bool, typer.Option("--json", help="Print the summary as one JSON line (for scripts).")
     ] = False,
     device: DeviceOpt = None,
+    tta: TtaOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Evaluate a run's best weights at native resolution (Dice, HD95, volume error)."""
+    """Evaluate a run's best weights at native resolution (Dice, HD95, volume error).
+
+    With --tta the figures are printed only; the run's evaluation files keep the plain ones.
+    """
     _must_exist(run_dir, "run folder not found; give a folder that 'lowlabel train' wrote")
     _must_exist(data, NO_DATASET)
     from lowlabel.engine.runs import evaluate_run
 
-    summary = evaluate_run(run_dir, data, progress=not quiet, device=device or "auto")
+    summary = evaluate_run(run_dir, data, progress=not quiet, device=device or "auto", tta=tta)
     if as_json:
         typer.echo(
             json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()})
@@ -483,9 +493,15 @@ def report(
 # --- export and segment commands ---
 
 
-@app.command(short_help="Turn a finished run into a model bundle.")
+@app.command(short_help="Turn a finished run (or several: an ensemble) into a model bundle.")
 def export(
-    run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
+    run_dirs: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="RUN_DIR",
+            help="A finished run folder; several make an ensemble (probabilities averaged).",
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="New folder for the model bundle.")],
     allow_unfinished: Annotated[
         bool,
@@ -510,19 +526,28 @@ def export(
     ] = None,
 ) -> None:
     """Turn a finished run into a self-contained model bundle (safetensors weights, config,
-    provenance), or into a MONAI bundle with --format monai-bundle."""
+    provenance), or into a MONAI bundle with --format monai-bundle. Several runs preprocessed
+    alike (e.g. a study cell's seeds) make one ensemble bundle whose class probabilities are
+    averaged; segment and bids use it like a single model."""
     if format_ not in ("lowlabel", "monai-bundle"):
         raise LowlabelError(f"--format: '{format_}' is not one of lowlabel, monai-bundle")
-    _must_exist(run_dir, "run folder not found; give a folder that 'lowlabel train' wrote")
+    for run_dir in run_dirs:
+        _must_exist(run_dir, "run folder not found; give a folder that 'lowlabel train' wrote")
     if format_ == "monai-bundle":
+        if len(run_dirs) > 1:
+            raise LowlabelError(
+                "--format monai-bundle: exports one run, not an ensemble of "
+                f"{len(run_dirs)}; give one RUN_DIR, or drop --format for a lowlabel bundle"
+            )
         from lowlabel.monai_bundle import export_monai
 
-        path = export_monai(run_dir, out, weights_license, allow_unfinished=allow_unfinished)
+        path = export_monai(run_dirs[0], out, weights_license, allow_unfinished=allow_unfinished)
         typer.echo(f"wrote MONAI bundle {path}")
         return
     from lowlabel.bundle import export as export_bundle
 
-    typer.echo(f"wrote model bundle {export_bundle(run_dir, out, allow_unfinished)}")
+    runs = run_dirs[0] if len(run_dirs) == 1 else run_dirs
+    typer.echo(f"wrote model bundle {export_bundle(runs, out, allow_unfinished)}")
 
 
 @app.command(short_help="Segment scans; volumes in volumes.csv.")
@@ -538,6 +563,7 @@ def segment(
         bool, typer.Option("--no-qc", help="Skip the QC snapshots and qc.html.")
     ] = False,
     device: DeviceOpt = None,
+    tta: TtaOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Segment scans into CSF, GM and WM on each scan's own grid; tissue volumes in volumes.csv,
@@ -563,6 +589,7 @@ def segment(
         skull_strip=skull_strip,
         qc=not no_qc,
         device=device or "auto",
+        tta=tta,
     )
     if result.rows:
         typer.echo(

@@ -106,6 +106,9 @@ class ModelConfig:
         num_res_units: residual units per block (MONAI ``UNet``).
         dropout: dropout probability in the network's blocks.
         norm: ``instance`` or ``batch`` normalisation.
+        deep_supervision: ``dynunet`` only: nnU-Net's deep supervision, extra output heads at
+            the lower decoder levels whose losses join the top one's with weights halving per
+            level (MONAI ``DeepSupervisionLoss``); inference uses the top head only.
     """
 
     name: Literal["unet", "dynunet"] = "unet"
@@ -114,6 +117,25 @@ class ModelConfig:
     num_res_units: int = 0
     dropout: float = 0.0
     norm: Literal["instance", "batch"] = "instance"
+    deep_supervision: bool = False
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The segmentation loss: Dice + cross-entropy (MONAI ``DiceCELoss``).
+
+    Attributes:
+        batch: compute the Dice over the whole batch at once (batch Dice, as nnU-Net) instead
+            of per patch and then averaged.
+        class_weights: four weights (background, CSF, GM, WM) for both terms, e.g.
+            ``[1, 2, 1, 1]`` to weigh CSF double; empty for equal weights.
+        lambda_dice, lambda_ce: the weights of the Dice and the cross-entropy terms.
+    """
+
+    batch: bool = False
+    class_weights: tuple[float, ...] = ()
+    lambda_dice: float = 1.0
+    lambda_ce: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -268,6 +290,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -580,6 +603,17 @@ def validate(cfg: RunConfig) -> None:
             raise LowlabelError(f"config key '{key}': must be >= 1, got {value}")
     if not 0.0 <= cfg.semi.ema < 1.0 or not 0.0 <= cfg.semi.rampup <= 1.0:
         raise LowlabelError("config keys 'semi.ema' in [0, 1) and 'semi.rampup' in [0, 1]")
+    if m.deep_supervision and m.name != "dynunet":
+        raise LowlabelError(
+            "config key 'model.deep_supervision': needs model.name dynunet (MONAI's UNet has "
+            "no deep supervision heads)"
+        )
+    weights = cfg.loss.class_weights
+    if weights and (len(weights) != 4 or min(weights) < 0 or max(weights) <= 0):
+        raise LowlabelError(
+            "config key 'loss.class_weights': give four weights >= 0 (background, CSF, GM, WM), "
+            f"not all 0, or [] for equal weights; got {list(weights)}"
+        )
     tr = cfg.transfer
     if tr.mode == "scratch" and tr.init_from:
         raise LowlabelError(
@@ -615,8 +649,19 @@ EXECUTION_KEYS = (
 # Execution keys younger than the first run folders: left out of the hash altogether.
 ADDED_EXECUTION_KEYS = ("device", "deterministic")
 
+# Keys added after run folders existed: left out of the hash while at their defaults, so a run
+# that does not use them keeps the folder it always had.
+LATER_KEYS = (
+    "model.deep_supervision",
+    "loss.batch",
+    "loss.class_weights",
+    "loss.lambda_dice",
+    "loss.lambda_ce",
+)
+
 # What a pretraining run does not read: its folder is hashed on the rest.
 PRETRAIN_UNREAD = (
+    "loss",
     "data.budget",
     "data.pos_fraction",
     "train.steps",
@@ -639,6 +684,20 @@ def _reset(data: dict, key: str, defaults: dict) -> None:
     node[last] = default[last]
 
 
+def _drop_if_default(data: dict, key: str, defaults: dict) -> None:
+    """Remove ``key`` (dotted) from ``data`` if it holds its default; an emptied section goes."""
+    *path, last = key.split(".")
+    nodes, node, default = [], data, defaults
+    for part in path:
+        nodes.append((node, part))
+        node, default = node[part], default[part]
+    if last in node and node[last] == default[last]:
+        del node[last]
+    for parent, part in reversed(nodes):
+        if not parent[part]:
+            del parent[part]
+
+
 def config_hash(cfg: RunConfig, kind: str = "train") -> str:
     """A short digest of everything that changes a run's results (``kind`` ``train`` or
     ``pretrain``); ``name``, ``out``, :data:`EXECUTION_KEYS` and, for a pretraining run,
@@ -654,6 +713,8 @@ def config_hash(cfg: RunConfig, kind: str = "train") -> str:
         data["train"].pop(key)
     data.pop("name")
     data.pop("out")
+    for key in LATER_KEYS:
+        _drop_if_default(data, key, defaults)
     if data["semi"]["method"] == "none":  # off, it changes nothing: older runs keep their folder
         data.pop("semi")
     # hashed as the bf16 key it replaced, so runs made before it keep their folder

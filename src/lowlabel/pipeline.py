@@ -209,12 +209,13 @@ def read_scan(
     return Prepared(path, item, data, raw, affine, mask, decision)
 
 
-def infer(bundle: Bundle, item: dict) -> torch.Tensor:
+def infer(bundle: Bundle, item: dict, tta: bool = False) -> torch.Tensor:
     """Class probabilities ``(4, X, Y, Z)`` on the preprocessed grid (on the CPU), computed on
-    the device the bundle's model lives on."""
+    the device the bundle's model lives on (an ensemble bundle's members averaged); ``tta``:
+    test-time augmentation by flips, 4 (2D) or 8 (3D) times the network's work."""
     from lowlabel.engine.inference import predict_logits
 
-    return torch.softmax(predict_logits(bundle.model, item["image"], bundle.cfg), 0)
+    return torch.softmax(predict_logits(bundle.model, item["image"], bundle.cfg, tta), 0)
 
 
 def write_scan(
@@ -307,12 +308,14 @@ def run_scan(
     qc: bool = True,
     reference: dict | None = None,
     extra: dict | None = None,
+    tta: bool = False,
 ) -> tuple[dict, dict | None]:
     """Segment one scan and write its files: the three stages one after the other.
 
     Args:
         pre: ``preprocess(bundle.cfg.data, keys=("image",))``, built once per batch.
         skull_strip, extractor: as for :func:`read_scan`.
+        tta: as for :func:`infer`.
         probabilities, qc, reference, extra: as for :func:`write_scan`.
 
     Returns:
@@ -322,7 +325,7 @@ def run_scan(
         LowlabelError: the scan is unreadable or the model cannot take it.
     """
     scan = read_scan(bundle, pre, path, skull_strip=skull_strip, extractor=extractor)
-    probs = infer(bundle, scan.item)
+    probs = infer(bundle, scan.item, tta)
     return write_scan(
         bundle,
         pre,
@@ -349,6 +352,7 @@ def run_batch(
     reference: dict | None = None,
     progress: bool = True,
     desc: str = "segment",
+    tta: bool = False,
 ) -> list[tuple[dict, dict | None] | LowlabelError]:
     """Segment scans one by one; one bad scan does not stop the others.
 
@@ -359,6 +363,7 @@ def run_batch(
             stays bounded.
         skull_strip, extractor: as for :func:`read_scan`.
         probabilities, qc, reference: as for :func:`write_scan`.
+        tta: as for :func:`infer`.
 
     Returns:
         Per job, in order: ``(row, record)``, or the error that stopped that scan.
@@ -413,7 +418,7 @@ def run_batch(
                 outcomes.append(reading)  # reported in input order with the others
                 continue
             scan = reading.result()
-            probs = infer(bundle, scan.item)
+            probs = infer(bundle, scan.item, tta)
             if outcomes and writer is not None:
                 outcomes[-1].exception()  # wait: one write in flight, not a queue of volumes
             outcomes.append(run(writer, write, job, scan, probs))

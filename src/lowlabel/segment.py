@@ -86,6 +86,7 @@ def segment(
     overlap: bool | None = None,
     skull_strip: str = "auto",
     qc: bool = True,
+    tta: bool = False,
 ) -> SegmentResult:
     """Segment scans with a bundle; one bad scan does not stop the others.
 
@@ -102,6 +103,7 @@ def segment(
         skull_strip: ``auto`` (extract the brain of scans that look unstripped), ``yes`` or
             ``no``; masks go to ``<name>_brainmask.nii.gz`` (see :mod:`lowlabel.skullstrip`).
         qc: write ``qc/`` (snapshots, per-scan QC records) and ``qc.html`` (see :mod:`lowlabel.qc`).
+        tta: test-time augmentation by flips: 4 (2D) or 8 (3D) times the network's work.
 
     Returns:
         The volume rows and one error line per input that could not be segmented.
@@ -160,6 +162,7 @@ def segment(
         qc=qc,
         reference=bundle.info.get("qc_reference"),
         progress=progress,
+        tta=tta,
     )
     for outcome in outcomes:
         if isinstance(outcome, LowlabelError):

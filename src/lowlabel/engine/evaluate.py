@@ -89,11 +89,13 @@ def evaluate(
     subjects: list[dict],
     out_dir: Path | None = None,
     progress: bool = True,
+    tta: bool = False,
 ) -> dict:
-    """Evaluate ``model`` on ``subjects`` at native resolution.
+    """Evaluate ``model`` (or an ensemble) on ``subjects`` at native resolution.
 
     Writes ``evaluation.csv`` (one row per subject) and ``evaluation.json`` (means and SDs) into
-    ``out_dir`` when given.
+    ``out_dir`` when given. ``tta``: test-time augmentation by flips
+    (:func:`lowlabel.engine.inference.predict_logits`).
 
     Returns:
         ``{"subjects": [rows], "summary": {metric: mean}}``.
@@ -103,7 +105,7 @@ def evaluate(
     rows = []
     for i, subject in enumerate(tqdm(subjects, desc="evaluate", disable=not progress, leave=False)):
         item = unwrap(pre, {"image": subject["image"], "label": subject["label"]})
-        logits = predict_logits(model, item["image"], cfg)
+        logits = predict_logits(model, item["image"], cfg, tta)
         if i == 0 and out_dir is not None:
             write_overlay(Path(out_dir) / OVERLAY, item, logits.argmax(0), subject["id"])
         test_loss = float(loss_fn(logits[None], item["label"][None].as_tensor()))

@@ -1,6 +1,10 @@
-"""Sliding-window prediction shared by validation, evaluation and segmentation."""
+"""Prediction shared by validation, evaluation and segmentation: sliding windows, test-time
+augmentation by flips, and ensembles whose class probabilities are averaged."""
 
 from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
 
 import torch
 from monai.inferers import sliding_window_inference
@@ -9,6 +13,9 @@ from torch import nn
 from lowlabel.config import RunConfig
 from lowlabel.data.transforms import patch_shape
 from lowlabel.device import Placement
+
+# the smallest probability kept when probabilities are turned back into logits (log 0 is -inf)
+_TINY = 1e-30
 
 
 class SliceModel(nn.Module):
@@ -22,41 +29,94 @@ class SliceModel(nn.Module):
         return self.net(x[..., 0])[..., None]
 
 
+class Ensemble(nn.Module):
+    """Networks of one config whose class probabilities are averaged.
+
+    Its output is the logarithm of the mean softmax of its members: logits whose softmax is
+    that mean, so every caller treats an ensemble as one network. Its weights are
+    ``members.<i>.*``.
+    """
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C_in, ...)`` -> ``(B, 4, ...)`` log mean probabilities."""
+        probs = sum(torch.softmax(m(x).float(), dim=1) for m in self.members)
+        return to_logits(probs / len(self.members))
+
+
+def to_logits(probs: torch.Tensor) -> torch.Tensor:
+    """Logits whose softmax over dimension 1 (or 0 when unbatched) is ``probs``."""
+    return probs.clamp_min(_TINY).log()
+
+
+def flips(spatial_dims: int) -> list[tuple[int, ...]]:
+    """The flips of test-time augmentation, as axes of a ``(B, C, X, Y, Z)`` batch: every
+    subset of the in-plane axes (X, Y; 4 flips, the first none) for a 2D network, of X, Y
+    and Z (8) for a 3D one, as nnU-Net mirrors."""
+    axes = (2, 3, 4) if spatial_dims == 3 else (2, 3)
+    return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+
+def _windows(
+    model: nn.Module, batch: torch.Tensor, cfg: RunConfig, place: Placement
+) -> torch.Tensor:
+    """Sliding-window logits of a ``(1, C_in, X, Y, Z)`` batch, windows run on ``place``'s
+    device and stitched on the batch's device."""
+    predictor = SliceModel(model) if cfg.data.spatial_dims == 2 else model
+    sw_batch = cfg.train.sw_batch_size * (8 if cfg.data.spatial_dims == 2 else 1)
+    with place.autocast():
+        return sliding_window_inference(
+            batch,
+            patch_shape(cfg.data),
+            sw_batch,
+            predictor,
+            overlap=cfg.train.sw_overlap,
+            mode="gaussian",
+            sw_device=place.device,
+            device=batch.device,
+        ).float()
+
+
 @torch.no_grad()
-def predict_logits(model: nn.Module, image: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
+def predict_logits(
+    model: nn.Module, image: torch.Tensor, cfg: RunConfig, tta: bool = False
+) -> torch.Tensor:
     """Logits for one preprocessed volume, computed on the model's device.
 
     The volume goes to the device too when it fits (else windows are copied there one batch
     at a time and stitched on the CPU).
 
     Args:
+        model: a network built from ``cfg.model``, or an :class:`Ensemble` of them.
         image: ``(1, X, Y, Z)`` preprocessed scan.
+        cfg: the run's config (patch shape, sliding-window batch and overlap, precision).
+        tta: test-time augmentation: average the class probabilities of the scan and of its
+            flipped copies (:func:`flips`, each prediction flipped back); 4 or 8 times the work.
 
     Returns:
-        ``(C, X, Y, Z)`` float32 logits on the same grid, on the CPU.
+        ``(C, X, Y, Z)`` float32 logits on the same grid, on the CPU; with ``tta`` (or an
+        ensemble) the log of the averaged probabilities.
     """
-    predictor = SliceModel(model) if cfg.data.spatial_dims == 2 else model
-    roi = patch_shape(cfg.data)
-    sw_batch = cfg.train.sw_batch_size * (8 if cfg.data.spatial_dims == 2 else 1)
     place = Placement.of_model(model, cfg.train.precision)
-    image = image[None].float()
+    batch = image[None].float()
     # input, logits, the stitching buffers: about a dozen float copies of the volume
-    if place.fits(12 * 4 * image.numel()):
-        image = place.to(image)
+    # (TTA adds the running sum of probabilities)
+    if place.fits((13 if tta else 12) * 4 * batch.numel()):
+        batch = place.to(batch)
     was_training = model.training
     model.eval()
     try:
-        with place.autocast():
-            out = sliding_window_inference(
-                image,
-                roi,
-                sw_batch,
-                predictor,
-                overlap=cfg.train.sw_overlap,
-                mode="gaussian",
-                sw_device=place.device,
-                device=image.device,
-            )
+        if not tta:
+            return _windows(model, batch, cfg, place)[0].cpu()
+        batch = batch.as_tensor() if hasattr(batch, "as_tensor") else batch  # no MetaTensor
+        probs = torch.zeros((), device=batch.device)
+        views = flips(cfg.data.spatial_dims)
+        for axes in views:
+            logits = _windows(model, batch.flip(axes) if axes else batch, cfg, place)
+            probs = probs + torch.softmax(logits.flip(axes) if axes else logits, dim=1)
+        return to_logits(probs[0] / len(views)).cpu()
     finally:
         model.train(was_training)
-    return out[0].float().cpu()

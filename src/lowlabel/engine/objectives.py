@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from monai.losses import DiceCELoss
+from monai.losses import DeepSupervisionLoss, DiceCELoss
 from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 from torch import nn
@@ -23,7 +23,7 @@ from lowlabel.engine.runtime import Runtime
 from lowlabel.engine.semi import MeanTeacher
 from lowlabel.models import transfer
 from lowlabel.models.transfer import Transfer
-from lowlabel.models.unet import build_model
+from lowlabel.models.unet import build_model, deep_supervision_heads
 from lowlabel.run_folder import RunFolder
 
 
@@ -42,6 +42,38 @@ def validate(model: nn.Module, items: list[dict], cfg: RunConfig) -> dict:
         "val_dice_gm": per_class[1],
         "val_dice_wm": per_class[2],
     }
+
+
+class SegmentationLoss(nn.Module):
+    """Dice + cross-entropy as ``cfg.loss`` says, over every head of a deeply supervised network.
+
+    Called with logits ``(B, 4, H, W[, D])``, or with a deeply supervised network's training
+    output ``(B, 1 + heads, 4, H, W[, D])``, and labels ``(B, 1, H, W[, D])``.
+    """
+
+    def __init__(self, cfg: RunConfig) -> None:
+        super().__init__()
+        spec = cfg.loss
+        weight = torch.tensor(spec.class_weights) if spec.class_weights else None
+        self.dice_ce = DiceCELoss(
+            to_onehot_y=True,
+            softmax=True,
+            batch=spec.batch,
+            weight=weight,
+            lambda_dice=spec.lambda_dice,
+            lambda_ce=spec.lambda_ce,
+        )
+        self.heads = deep_supervision_heads(cfg.model)
+        self.deep = DeepSupervisionLoss(self.dice_ce, weight_mode="exp") if self.heads else None
+
+    def top(self, logits: torch.Tensor) -> torch.Tensor:
+        """The top head's logits ``(B, 4, H, W[, D])`` of what the network returned."""
+        return logits[:, 0] if self.heads else logits
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        if self.deep is None:
+            return self.dice_ce(logits, label)
+        return self.deep(list(torch.unbind(logits, 1)), label)
 
 
 class Objective:
@@ -92,7 +124,8 @@ class Objective:
 
 
 class Supervised(Objective):
-    """Dice + cross-entropy on labelled patches; the best validation's weights are kept."""
+    """Dice + cross-entropy (:class:`SegmentationLoss`) on labelled patches; the best
+    validation's weights are kept."""
 
     def __init__(
         self,
@@ -105,7 +138,7 @@ class Supervised(Objective):
     ) -> None:
         super().__init__(cfg, model, runtime, folder)
         self.val_items, self.setup = val_items, setup
-        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.loss_fn = SegmentationLoss(cfg)
         self.judged = {"model": model}  # the networks validated; the better one is kept
         self.kept = "model"
 
@@ -172,7 +205,8 @@ class MeanTeacherObjective(Supervised):
         n = label.shape[0]
         mt = self.mean_teacher
         supervised = self.loss_fn(logits[:n].float(), label)
-        return supervised + mt.weight(step) * mt.consistency(logits[n:], teacher_in)
+        student = self.loss_fn.top(logits[n:])
+        return supervised + mt.weight(step) * mt.consistency(student, teacher_in)
 
     def after_update(self, batch: tuple[torch.Tensor, ...], state: dict) -> None:
         self.mean_teacher.update(self.model, state["step"])

@@ -49,10 +49,17 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, nn.Module]:
 
 
 def evaluate_run(
-    run_dir: str | Path, data: str | None = None, progress: bool = True, device: str = "auto"
+    run_dir: str | Path,
+    data: str | None = None,
+    progress: bool = True,
+    device: str = "auto",
+    tta: bool = False,
 ) -> dict:
     """Re-evaluate a run on its test split, or on every subject of another dataset, on
     ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``; whichever device the run trained on).
+
+    The test split's evaluation files in the run folder are rewritten, except with ``tta``
+    (test-time augmentation by flips), whose figures are only returned.
 
     Raises:
         LowlabelError: not a finished run, a damaged split, or a CUDA device that is not there.
@@ -79,8 +86,8 @@ def evaluate_run(
                 f"{source}: test subjects {gone[:5]} of {split_path} are no "
                 "longer in the dataset; evaluate with --data DATASET instead"
             )
-        subjects, out = ds.by_id(test), run_dir
+        subjects, out = ds.by_id(test), None if tta else run_dir
     else:
         ds = load_dataset(data)
         subjects, out = ds.subjects, None
-    return evaluate(model, cfg, subjects, out, progress)["summary"]
+    return evaluate(model, cfg, subjects, out, progress, tta)["summary"]

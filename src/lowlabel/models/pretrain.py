@@ -27,7 +27,9 @@ def build_pretrain_model(cfg: RunConfig) -> nn.Module:
 
     Input and output ``(B, 1, H, W[, D])``.
     """
-    return build_model(cfg.model, cfg.data.spatial_dims, in_channels=1, out_channels=1)
+    return build_model(
+        cfg.model, cfg.data.spatial_dims, in_channels=1, out_channels=1, deep_supervision=False
+    )
 
 
 def corrupt(

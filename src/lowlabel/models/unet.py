@@ -18,12 +18,26 @@ def level_channels(cfg: ModelConfig) -> list[int]:
     return [cfg.channels * 2**i for i in range(cfg.levels)]
 
 
-def build_model(
-    cfg: ModelConfig, spatial_dims: int, in_channels: int = 1, out_channels: int = N_CLASSES
-) -> nn.Module:
-    """A MONAI ``UNet`` (or ``DynUNet``) with ``cfg.levels`` levels.
+def deep_supervision_heads(cfg: ModelConfig) -> int:
+    """Extra output heads of a deeply supervised ``DynUNet``: every decoder level but the
+    lowest, as in nnU-Net (0 without deep supervision)."""
+    return cfg.levels - 2 if cfg.deep_supervision else 0
 
-    Input ``(B, in_channels, H, W[, D])``; output logits ``(B, out_channels, H, W[, D])``.
+
+def build_model(
+    cfg: ModelConfig,
+    spatial_dims: int,
+    in_channels: int = 1,
+    out_channels: int = N_CLASSES,
+    deep_supervision: bool = True,
+) -> nn.Module:
+    """A MONAI ``UNet`` (or ``DynUNet``, nnU-Net's network: instance norm, leaky ReLU) with
+    ``cfg.levels`` levels.
+
+    Input ``(B, in_channels, H, W[, D])``; output logits ``(B, out_channels, H, W[, D])``. A
+    ``DynUNet`` with ``cfg.deep_supervision`` (and ``deep_supervision`` left on) returns, in
+    training mode only, ``(B, 1 + heads, out_channels, H, W[, D])``: the top head first, then
+    the lower heads upsampled to full size (:func:`deep_supervision_heads`).
     """
     channels = level_channels(cfg)
     if cfg.name == "dynunet":
@@ -41,6 +55,8 @@ def build_model(
             dropout=cfg.dropout or None,
             norm_name=cfg.norm,
             res_block=cfg.num_res_units > 0,
+            deep_supervision=deep_supervision and cfg.deep_supervision,
+            deep_supr_num=max(deep_supervision_heads(cfg), 1),
         )
     from monai.networks.nets import UNet
 

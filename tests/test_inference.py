@@ -1,0 +1,225 @@
+"""Prediction: test-time augmentation by flips, and ensembles of runs as one bundle."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_dataset, tiny_overrides
+from torch import nn
+
+from lowlabel.config import RunConfig, load_config
+from lowlabel.engine.inference import Ensemble, flips, predict_logits
+from lowlabel.models.unet import build_model
+
+CFG = RunConfig().replace(**{"data.patch_size": [16, 16, 16], "model.levels": 3})
+
+
+class Pointwise(nn.Module):
+    """A network that looks at one voxel at a time: flipping its input flips its output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Sequential(nn.Conv3d(1, 8, 1), nn.Tanh(), nn.Conv3d(8, 4, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def _image(shape=(16, 16, 16), seed: int = 0) -> torch.Tensor:
+    return torch.randn(1, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_flips_are_every_subset_of_the_axes():
+    assert flips(3)[0] == () and len(set(flips(3))) == 8
+    assert {a for f in flips(3) for a in f} == {2, 3, 4}
+    assert len(set(flips(2))) == 4 and {a for f in flips(2) for a in f} == {2, 3}
+
+
+@pytest.mark.parametrize("shape", [(16, 16, 16), (21, 18, 23)])
+def test_tta_changes_nothing_for_a_flip_equivariant_network(shape):
+    """The documented property: TTA averages predictions of flipped copies flipped back, so a
+    network whose output flips with its input gets the same probabilities with TTA."""
+    model, image = Pointwise().eval(), _image(shape)
+    plain = torch.softmax(predict_logits(model, image, CFG), 0)
+    tta = torch.softmax(predict_logits(model, image, CFG, tta=True), 0)
+    assert torch.allclose(plain, tta, atol=1e-5)
+
+
+def test_tta_of_a_flip_symmetric_input_equals_no_tta_for_a_symmetric_prediction():
+    """A flip-symmetric scan whose plain prediction is flip-symmetric (a pointwise network on a
+    mirrored scan): TTA averages eight copies of the same prediction."""
+    half = _image((8, 8, 8))
+    image = torch.cat([half, half.flip(1)], 1)
+    image = torch.cat([image, image.flip(2)], 2)
+    image = torch.cat([image, image.flip(3)], 3)
+    for axes in ((1,), (2,), (3,)):
+        assert torch.equal(image.flip(axes), image)
+    model = Pointwise().eval()
+    plain = predict_logits(model, image, CFG)
+    tta = predict_logits(model, image, CFG, tta=True)
+    assert torch.allclose(torch.softmax(plain, 0), torch.softmax(tta, 0), atol=1e-6)
+    assert torch.equal(plain.argmax(0), tta.argmax(0))
+
+
+def test_tta_prediction_flips_with_its_input_whatever_the_network():
+    """With TTA any network's prediction commutes with flips (one window covers the scan, so the
+    windows are symmetric too); without it a convolutional UNet's does not."""
+    torch.manual_seed(0)
+    model = build_model(CFG.model, 3).eval()
+    image = _image()
+    for axes in ((2,), (1, 3)):
+        flipped = predict_logits(model, image.flip(axes), CFG, tta=True)
+        assert torch.allclose(
+            flipped, predict_logits(model, image, CFG, tta=True).flip(axes), atol=1e-4
+        )
+    plain = predict_logits(model, image.flip((1,)), CFG)
+    assert not torch.allclose(plain, predict_logits(model, image, CFG).flip((1,)), atol=1e-4)
+
+
+def test_tta_leaves_the_network_in_its_mode_and_returns_log_probabilities():
+    model = Pointwise().train()
+    logits = predict_logits(model, _image(), CFG, tta=True)
+    assert model.training and logits.shape == (4, 16, 16, 16)
+    assert torch.allclose(logits.exp().sum(0), torch.ones(16, 16, 16), atol=1e-5)
+
+
+def test_an_ensemble_of_two_identical_models_equals_the_model():
+    torch.manual_seed(0)
+    model = build_model(CFG.model, 3).eval()
+    twin = build_model(CFG.model, 3)
+    twin.load_state_dict(model.state_dict())
+    pair = Ensemble([model, twin]).eval()
+    image = _image((20, 17, 19))
+    one = torch.softmax(predict_logits(model, image, CFG), 0)
+    two = torch.softmax(predict_logits(pair, image, CFG), 0)
+    assert torch.allclose(one, two, atol=1e-6) and torch.equal(one.argmax(0), two.argmax(0))
+
+
+def test_an_ensemble_averages_probabilities():
+    torch.manual_seed(0)
+    a, b = build_model(CFG.model, 3).eval(), build_model(CFG.model, 3).eval()
+    x = _image()[None]
+    with torch.no_grad():
+        mean = (torch.softmax(a(x), 1) + torch.softmax(b(x), 1)) / 2
+        assert torch.allclose(torch.softmax(Ensemble([a, b])(x), 1), mean, atol=1e-6)
+
+
+# --- bundles and the command line ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """Two seeds of one tiny run, and one run at another resolution."""
+    from lowlabel.engine.loop import fit
+
+    root = tmp_path_factory.mktemp("ensemble")
+    dataset = make_tiny_dataset(root / "data")
+    cfg = load_config(None, tiny_overrides(dataset, root / "runs", **{"train.steps": 2}))
+    out = {"root": root, "cfg": cfg, "dataset": dataset}
+    out["a"] = Path(fit(cfg, progress=False).run_dir)
+    out["b"] = Path(fit(cfg.replace(seed=1), progress=False).run_dir)
+    coarse = cfg.replace(**{"data.spacing": [1.5, 1.5, 1.5]})
+    out["coarse"] = Path(fit(coarse, progress=False).run_dir)
+    return out
+
+
+def cli(args: list, monkeypatch, capsys) -> tuple[int, str, str]:
+    from lowlabel.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["lowlabel", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _segment(model_dir: Path, scan: Path, out: Path, monkeypatch, capsys, *extra) -> np.ndarray:
+    code, _, err = cli(["segment", model_dir, scan, "-o", out, "-q", *extra], monkeypatch, capsys)
+    assert code == 0, err
+    return np.asarray(nib.load(out / f"{scan.name.split('.')[0]}_seg.nii.gz").dataobj)
+
+
+def test_ensemble_bundle_of_one_run_twice_segments_like_the_run(
+    runs, tmp_path, monkeypatch, capsys
+):
+    from lowlabel.bundle import load
+
+    single, double = tmp_path / "single", tmp_path / "double"
+    assert cli(["export", runs["a"], "-o", single], monkeypatch, capsys)[0] == 0
+    code, out, _ = cli(["export", runs["a"], runs["a"], "-o", double], monkeypatch, capsys)
+    assert code == 0 and "wrote model bundle" in out
+    info = json.loads((double / "bundle.json").read_text())
+    assert info["ensemble"] == 2 and info["version"] == 2 and len(info["members"]) == 2
+    assert info["provenance"]["test_metrics"] is None
+    assert json.loads((single / "bundle.json").read_text())["version"] == 1
+    assert isinstance(load(double).model, Ensemble)
+    scan = runs["dataset"].parent / "images" / "sub00.nii.gz"
+    one = _segment(single, scan, tmp_path / "one", monkeypatch, capsys)
+    two = _segment(double, scan, tmp_path / "two", monkeypatch, capsys)
+    assert np.array_equal(one, two)
+    # TTA from the command line: same grid, labels from the same classes
+    tta = _segment(single, scan, tmp_path / "tta", monkeypatch, capsys, "--tta")
+    assert tta.shape == one.shape and (tta == one).mean() > 0.5
+
+
+def test_ensemble_of_two_seeds_averages_their_probabilities(runs, tmp_path, monkeypatch, capsys):
+    from lowlabel.bundle import load
+
+    pair = tmp_path / "pair"
+    assert cli(["export", runs["a"], runs["b"], "-o", pair], monkeypatch, capsys)[0] == 0
+    bundle = load(pair)
+    a = load(_export_one(runs["a"], tmp_path / "a")).model
+    b = load(_export_one(runs["b"], tmp_path / "b")).model
+    x = _image()[None]
+    with torch.no_grad():
+        mean = (torch.softmax(a(x), 1) + torch.softmax(b(x), 1)) / 2
+        assert torch.allclose(torch.softmax(bundle.model(x), 1), mean, atol=1e-6)
+    seeds = [m["seed"] for m in json.loads((pair / "bundle.json").read_text())["members"]]
+    assert seeds == [0, 1]
+
+
+def _export_one(run: Path, out: Path) -> Path:
+    from lowlabel.bundle import export
+
+    return export(run, out)
+
+
+def test_ensemble_of_runs_preprocessed_differently_is_refused(runs, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "mixed"
+    code, _, err = cli(["export", runs["a"], runs["coarse"], "-o", out], monkeypatch, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1
+    assert lines[0].startswith(f"error: {runs['coarse']}: its preprocessing differs")
+    assert "spacing_mm" in lines[0] and not out.exists()
+    assert not list(tmp_path.glob(".mixed.*"))  # nothing half-written
+
+
+def test_a_bundle_whose_member_count_is_wrong_is_refused(runs, tmp_path, monkeypatch, capsys):
+    pair = tmp_path / "pair"
+    assert cli(["export", runs["a"], runs["b"], "-o", pair], monkeypatch, capsys)[0] == 0
+    info = json.loads((pair / "bundle.json").read_text())
+    for bad, message in ((5, "holds 2 models but"), ("two", "'ensemble' is not a number")):
+        (pair / "bundle.json").write_text(json.dumps({**info, "ensemble": bad}))
+        scan = runs["dataset"].parent / "images" / "sub00.nii.gz"
+        code, _, err = cli(["segment", pair, scan, "-o", tmp_path / "o"], monkeypatch, capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_with_tta_keeps_the_runs_own_evaluation(runs, monkeypatch, capsys):
+    evaluation = runs["a"] / "evaluation.json"
+    before = evaluation.read_bytes()
+    code, out, err = cli(["evaluate", runs["a"], "--tta", "--json", "-q"], monkeypatch, capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert 0.0 <= summary["mean_dice"] <= 1.0 and summary["n"] == 2
+    assert evaluation.read_bytes() == before
