@@ -223,3 +223,54 @@ def test_evaluate_with_tta_keeps_the_runs_own_evaluation(runs, monkeypatch, caps
     summary = json.loads(out)
     assert 0.0 <= summary["mean_dice"] <= 1.0 and summary["n"] == 2
     assert evaluation.read_bytes() == before
+
+
+# --- the merged pipeline: TTA and ensembles in segment and bids, MONAI bundle export --------------
+
+
+def _spy_on_tta(monkeypatch) -> list[bool]:
+    """Record the ``tta`` argument of every prediction the pipeline makes."""
+    import lowlabel.engine.inference as inference
+
+    seen: list[bool] = []
+    real = inference.predict_logits
+
+    def spy(model, image, cfg, tta=False):
+        seen.append(tta)
+        return real(model, image, cfg, tta)
+
+    monkeypatch.setattr(inference, "predict_logits", spy)
+    return seen
+
+
+@pytest.mark.parametrize("flag", [[], ["--tta"]])
+def test_segment_and_bids_pass_tta_to_the_prediction(runs, flag, tmp_path, monkeypatch, capsys):
+    from test_bids import make_bids
+
+    model = tmp_path / "model"
+    assert cli(["export", runs["a"], "-o", model], monkeypatch, capsys)[0] == 0
+    seen = _spy_on_tta(monkeypatch)
+    scan = runs["dataset"].parent / "images" / "sub00.nii.gz"
+    _segment(model, scan, tmp_path / "seg", monkeypatch, capsys, "--no-qc", *flag)
+    assert seen == [bool(flag)]
+    seen.clear()
+    ds = make_bids(tmp_path / "ds")
+    args = ["bids", ds, tmp_path / "deriv", "participant", "--model", model]
+    code, _, err = cli([*args, "--skull-strip", "no", "-q", *flag], monkeypatch, capsys)
+    assert code == 0, err
+    assert seen == [bool(flag)] * 3  # the three T1w scans of the tiny BIDS dataset
+
+
+def test_bids_with_an_ensemble_bundle_averages_like_segment(runs, tmp_path, monkeypatch, capsys):
+    from test_bids import make_bids
+
+    pair = tmp_path / "pair"
+    assert cli(["export", runs["a"], runs["b"], "-o", pair], monkeypatch, capsys)[0] == 0
+    ds = make_bids(tmp_path / "ds")
+    args = ["bids", ds, tmp_path / "deriv", "participant", "--model", pair, "-q"]
+    code, _, err = cli([*args, "--skull-strip", "no"], monkeypatch, capsys)
+    assert code == 0, err
+    scan = ds / "sub-02" / "anat" / "sub-02_T1w.nii.gz"
+    dseg = tmp_path / "deriv" / "sub-02" / "anat" / "sub-02_dseg.nii.gz"
+    seg = _segment(pair, scan, tmp_path / "seg", monkeypatch, capsys, "--no-qc")
+    assert np.array_equal(np.asarray(nib.load(dseg).dataobj), seg)

@@ -311,11 +311,13 @@ def participant(
     threads: int = 0,
     device: str = "auto",
     overlap: bool | None = None,
+    tta: bool = False,
 ) -> BidsResult:
     """The participant level: segment each T1w scan into BIDS derivatives and QC.
 
     Scans go through the same stages as ``lowlabel segment`` (:func:`lowlabel.pipeline.run_batch`),
-    with the network on ``device`` and, on an accelerator, reading and writing overlapped with it.
+    with the network on ``device`` and, on an accelerator, reading and writing overlapped with it;
+    ``tta``: test-time augmentation by flips, as ``lowlabel segment --tta``.
 
     Raises:
         LowlabelError: not a BIDS dataset, unknown labels, a bad model folder, output folder or
@@ -370,6 +372,7 @@ def participant(
         reference=bundle.info.get("qc_reference"),
         progress=progress,
         desc="participant",
+        tta=tta,
     )
     for scan, outcome in zip(scans, outcomes, strict=True):
         if isinstance(outcome, LowlabelError):

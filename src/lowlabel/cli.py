@@ -623,6 +623,7 @@ def bids(
     ] = False,
     skull_strip: SkullStripOpt = "auto",
     device: DeviceOpt = None,
+    tta: TtaOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """BIDS App: segment T1w scans into derivatives (participant), then tabulate volumes (group).
@@ -655,6 +656,7 @@ def bids(
         skull_strip=skull_strip,
         progress=not quiet,
         device=device or "auto",
+        tta=tta,
     )
     for line in result.skipped:
         typer.echo(f"skipped: {line}", err=True)
