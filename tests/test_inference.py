@@ -274,3 +274,40 @@ def test_bids_with_an_ensemble_bundle_averages_like_segment(runs, tmp_path, monk
     dseg = tmp_path / "deriv" / "sub-02" / "anat" / "sub-02_dseg.nii.gz"
     seg = _segment(pair, scan, tmp_path / "seg", monkeypatch, capsys, "--no-qc")
     assert np.array_equal(np.asarray(nib.load(dseg).dataobj), seg)
+
+
+def test_an_ensemble_bundle_keeps_the_qc_reference_of_its_runs(runs, tmp_path):
+    from lowlabel.bundle import export
+
+    single = json.loads((export(runs["a"], tmp_path / "one") / "bundle.json").read_text())
+    pair = export([runs["a"], runs["b"]], tmp_path / "pair")
+    info = json.loads((pair / "bundle.json").read_text())
+    assert single["qc_reference"] is not None
+    # both seeds trained on the same labelled subjects, so the reference is the single run's
+    assert info["qc_reference"] == single["qc_reference"]
+
+
+def test_monai_bundle_of_an_ensemble_is_refused_in_one_line(runs, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "mb"
+    args = ["export", runs["a"], runs["b"], "-o", out, "--format", "monai-bundle"]
+    code, _, err = cli([*args, "--weights-license", "CC-BY-4.0"], monkeypatch, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1
+    assert lines[0].startswith("error: --format monai-bundle: exports one run, not an ensemble")
+    assert not out.exists() and not list(tmp_path.glob(".mb.*"))
+
+
+def test_several_runs_export_with_allow_unfinished(runs, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(runs["b"], unfinished)
+    (unfinished / "result.json").unlink()
+    out = tmp_path / "pair"
+    code, _, err = cli(["export", runs["a"], unfinished, "-o", out], monkeypatch, capsys)
+    assert code == 2 and "--allow-unfinished" in err and not out.exists()
+    args = ["export", runs["a"], unfinished, "-o", out, "--allow-unfinished"]
+    code, _, err = cli(args, monkeypatch, capsys)
+    assert code == 0, err
+    info = json.loads((out / "bundle.json").read_text())
+    assert info["ensemble"] == 2 and info["members"][1]["steps"] is None
