@@ -504,7 +504,8 @@ def test_shipped_study_smoke_run_then_rerun_finishes_only_missing(
 
         shown = check(out / "report.html")
         assert shown["tables"] >= len(plan["tables"]) and 0 not in shown["rows"]
-        assert shown["images"] >= 3 and shown["broken"] == []
+        # every figure the page embeds is shown (a study cut to two plain cells has fewer)
+        assert shown["images"] == page.count("<img") >= 2 and shown["broken"] == []
 
     # damage: one run interrupted (result.json gone, checkpoint kept), one never started
     train = sorted(f for f in folders if f.name.startswith("seg-"))
@@ -534,7 +535,10 @@ def test_shipped_study_smoke_run_then_rerun_finishes_only_missing(
     # before it started, the rerun said what it would do and how long that would take
     head = next(r.getMessage() for r in caplog.records if "estimated time left" in r.getMessage())
     assert f"{first.runs} runs, {first.runs - 2} done, 2 to run" in head
-    assert "unknown" not in head and head.rstrip().endswith(" s")
+    if first.runs > 2:  # a finished run to estimate from (a study cut to two cells has none)
+        assert "unknown" not in head and head.rstrip().endswith(" s")
+    else:
+        assert "unknown until the first run finishes" in head
     assert all((f / "result.json").stat().st_mtime_ns == t for f, t in untouched.items())
     assert (interrupted / "result.json").exists() and (missing / "result.json").exists()
 
