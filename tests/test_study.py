@@ -371,6 +371,24 @@ def test_local_workers_size_every_thread_pool_like_ray(monkeypatch):
     assert "OMP_NUM_THREADS" not in os.environ and os.environ["MKL_NUM_THREADS"] == "3"
 
 
+def test_local_workers_write_their_standard_error_to_the_study_log(tmp_path, capfd):
+    """What a worker's libraries print (e.g. a C++ runtime's last words when a stopped worker's
+    threads are torn down) goes to the study's log, not between the study's own lines."""
+    import os
+
+    from lowlabel.study.runner import LocalBackend, Slot
+
+    log = tmp_path / "workers.log"
+    backend = LocalBackend([Slot(None, 1, 1)], log)
+    try:
+        written = backend.call(os.write, 2, b"terminate called from a worker\n").result(timeout=120)
+    finally:
+        backend.close()
+    assert written == len(b"terminate called from a worker\n")
+    assert "terminate called from a worker" in log.read_text()
+    assert "terminate called" not in capfd.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------
 # running
 

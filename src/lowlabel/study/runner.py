@@ -238,15 +238,27 @@ def on_device(config: dict, device: str) -> dict:
 # processes they spawn (data-loader workers, importing torch for seconds) inherit the ignoring and
 # a terminal's Ctrl-C, which reaches the whole process group, kills none of them mid-import
 STOP_SIGNAL = getattr(signal, "SIGUSR1", signal.SIGTERM)  # Windows: no SIGUSR1, a plain stop
+WORKER_LOG = "workers.log"  # in the study folder: the local workers' standard error
 
 
-def _start_worker(gpu: str | None) -> None:
-    """Initialise a local worker process: deaf to Ctrl-C (see STOP_SIGNAL), and seeing only
-    ``gpu`` (set before CUDA starts) as ``cuda`` when there is one."""
+def _start_worker(gpu: str | None, log_path: str | None = None) -> None:
+    """Initialise a local worker process: deaf to Ctrl-C (see STOP_SIGNAL), seeing only ``gpu``
+    (set before CUDA starts) as ``cuda`` when there is one, and writing its standard error (and
+    that of the loader processes it starts) to ``log_path``.
+
+    The study reports each run's outcome itself (and a failed run's traceback in its
+    ``error.txt``); what a worker's libraries print goes to the log, so a stopped worker's last
+    words (a C++ runtime's "terminate called without an active exception" as its threads are torn
+    down) never reach the user's terminal between the study's own lines.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(STOP_SIGNAL, signal.SIG_IGN)
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    if log_path is not None:
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 2)
+        os.close(fd)
 
 
 def _stop_once(signum, frame) -> None:
@@ -350,10 +362,11 @@ class LocalBackend:
     processes); a run goes to the slot with the most free workers. Each worker has its slot's
     torch threads and its other thread pools sized to match (:func:`worker_env`)."""
 
-    def __init__(self, slots: list[Slot]) -> None:
+    def __init__(self, slots: list[Slot], log_path: Path | None = None) -> None:
         import multiprocessing as mp
 
         self.slots = slots
+        log = None if log_path is None else str(log_path)
         self.jobs = sum(s.workers for s in slots)
         # spawn, not fork: forking a parent that loaded torch can deadlock OpenMP in the child
         self.pools = [
@@ -361,7 +374,7 @@ class LocalBackend:
                 max_workers=slot.workers,
                 mp_context=mp.get_context("spawn"),
                 initializer=_start_worker,
-                initargs=(slot.gpu,),
+                initargs=(slot.gpu, log),
             )
             for slot in slots
         ]
@@ -596,7 +609,7 @@ def run_study(
         check_paper_profile(profile, device, exe.gpus)
     study, study_dir, cells = prepare(study, profile, data, study_dir, seeds, overrides)
     if backend == "local":
-        exe = LocalBackend(slots)
+        exe = LocalBackend(slots, study_dir / WORKER_LOG)
     jobs = min(jobs, exe.jobs) if jobs else exe.jobs
     results: dict[str, dict] = {}
     failed: dict[str, str] = {}
