@@ -410,7 +410,11 @@ def run(args) -> dict:
     skull = skull_part(args, run_dir, work) if args.ixi_minutes > 0 else None
     common = {
         "machine": machine(),
-        "shared_machine": "2 cores shared with three other people's work; see load averages",
+        "shared_machine": (
+            f"2 cores shared with other work (load average {before[0]} at the start)"
+            if before[0] > 1.5
+            else f"quiet: load average {before[0]} at the start"
+        ),
         "load_average_before": before,
         "load_average_after_bids": after_bids,
         "load_average_after": load(),
