@@ -346,3 +346,21 @@ def crash_at_second_validation(cfg: RunConfig, monkeypatch) -> None:
     with pytest.raises(RuntimeError, match="simulated crash"):
         fit(cfg, progress=False)
     monkeypatch.setattr(objectives, "validate", real)
+
+
+def cli(args: list, monkeypatch, capsys) -> tuple[int, str, str]:
+    """Run the ``lowlabel`` entry point in-process; returns (exit status, stdout, stderr).
+
+    ``COLUMNS`` is fixed so that help text wraps the same on every terminal.
+    """
+    from lowlabel.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["lowlabel", *map(str, args)])
+    monkeypatch.setenv("COLUMNS", "100")
+    try:
+        main()
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -6,13 +6,13 @@ import csv
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 from conftest import make_tiny_dataset, phantom, tiny_overrides, write
+from helpers import cli
 
 IXI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ixi"
 
@@ -215,35 +215,22 @@ def test_derivatives_pass_the_bids_validator(derivatives):
     assert errors == []
 
 
-def run_cli(args, monkeypatch, capsys) -> tuple[int, str, str]:
-    from lowlabel.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["lowlabel", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_cli_bids_errors_are_one_line(model, tmp_path, monkeypatch, capsys):
     ds = make_bids(tmp_path / "ds")
-    code, _, err = run_cli(
+    code, _, err = cli(
         ["bids", ds, tmp_path / "o", "subject", "--model", model], monkeypatch, capsys
     )
     assert code == 2 and err.strip().startswith("error: analysis level 'subject'")
     assert len(err.strip().splitlines()) == 1
-    code, _, err = run_cli(
+    code, _, err = cli(
         ["bids", tmp_path, tmp_path / "o", "participant", "--model", model], monkeypatch, capsys
     )
     assert code == 2 and "not a BIDS dataset (no dataset_description.json)" in err
-    code, _, err = run_cli(["bids", ds, tmp_path / "o", "group"], monkeypatch, capsys)
+    code, _, err = cli(["bids", ds, tmp_path / "o", "group"], monkeypatch, capsys)
     assert code == 2 and "run the participant level first" in err
-    code, _, err = run_cli(["bids", ds, ds, "participant", "--model", model], monkeypatch, capsys)
+    code, _, err = cli(["bids", ds, ds, "participant", "--model", model], monkeypatch, capsys)
     assert code == 2 and "the output folder is the BIDS dataset itself" in err
-    code, out, err = run_cli(
+    code, out, err = cli(
         [
             "bids",
             ds,
@@ -268,7 +255,7 @@ def test_cli_bids_errors_are_one_line(model, tmp_path, monkeypatch, capsys):
 def test_cli_takes_several_labels_after_one_flag(model, tmp_path, monkeypatch, capsys):
     ds = make_bids(tmp_path / "ds")
     args = ["bids", ds, tmp_path / "o", "participant", "--participant-label", "01", "02"]
-    code, out, err = run_cli(
+    code, out, err = cli(
         args + ["--session-label", "2", "--model", model, "--skull-strip", "no", "-q"],
         monkeypatch,
         capsys,
@@ -490,14 +477,14 @@ def test_skull_strip_yes_without_deepbet_is_one_line(model, tmp_path, monkeypatc
 
     monkeypatch.setattr(builtins, "__import__", no_deepbet)
     scan = t1w(tmp_path / "in" / "brain.nii.gz")
-    code, _, err = run_cli(
+    code, _, err = cli(
         ["segment", model, scan, "-o", tmp_path / "out", "--skull-strip", "yes"],
         monkeypatch,
         capsys,
     )
     assert code == 2 and "pip install 'lowlabel[skullstrip]'" in err
     assert len(err.strip().splitlines()) == 1
-    code, _, err = run_cli(
+    code, _, err = cli(
         ["segment", model, scan, "-o", tmp_path / "out", "--skull-strip", "maybe"],
         monkeypatch,
         capsys,

@@ -11,23 +11,9 @@ from pathlib import Path
 
 import pytest
 from conftest import make_tiny_dataset
+from helpers import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    """Run the ``lowlabel`` entry point in-process; returns (exit status, stdout, stderr)."""
-    from lowlabel.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["lowlabel", *map(str, args)])
-    monkeypatch.setenv("COLUMNS", "100")
-    try:
-        main()
-        code = 0
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 USAGE_ERRORS = {

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_dataset, phantom, tiny_overrides, write
+from helpers import cli
 
 
 @pytest.fixture(scope="module")
@@ -39,20 +40,6 @@ def bundle(trained):
     from lowlabel.bundle import load
 
     return load(trained["bundle"])
-
-
-def cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    """Run the ``lowlabel`` entry point in-process; returns (exit status, stdout, stderr)."""
-    from lowlabel.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["lowlabel", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def flip_affine(affine: np.ndarray, shape: tuple[int, ...], axes: tuple[int, ...]) -> np.ndarray:
