@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 from conftest import make_tiny_dataset, tiny_overrides
@@ -46,16 +46,9 @@ def _cfg(dataset: Path, out: Path, **extra):
 
 
 def _cli(monkeypatch, capsys, *args) -> tuple[int, str]:
-    from lowlabel import cli
-
-    monkeypatch.setattr(sys, "argv", ["lowlabel", *map(str, args)])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out + out.err
+    """:func:`helpers.cli` with stdout and stderr together."""
+    code, out, err = helpers.cli(list(args), monkeypatch, capsys)
+    return code, out + err
 
 
 # --- resolving names -----------------------------------------------------------------------------

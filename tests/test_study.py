@@ -11,6 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 from helpers import write_study
@@ -394,16 +395,9 @@ def test_local_workers_write_their_standard_error_to_the_study_log(tmp_path, cap
 
 
 def _cli(monkeypatch, capsys, *args) -> tuple[int, str]:
-    from lowlabel import cli
-
-    monkeypatch.setattr(sys, "argv", ["lowlabel", *map(str, args)])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out + out.err
+    """:func:`helpers.cli` with stdout and stderr together."""
+    code, out, err = helpers.cli(list(args), monkeypatch, capsys)
+    return code, out + err
 
 
 def _runs_csv(study_dir: Path) -> list[dict]:
