@@ -71,15 +71,19 @@ def test_profile_scales_steps(tmp_path):
     paper = {c.key: c for c in study_spec.expand(study, "paper", None, tmp_path)}
     quick = study_spec.expand(study, "quick", None, tmp_path)
     pre = next(c for c in quick if c.kind == "pretrain" and c.cfg.pretrain.method == "autoencoder")
-    assert pre.cfg.pretrain.save_steps == (5, 10, 15, 30)
-    assert pre.cfg.data.patch_size == (64, 64, 64)
+    # 3000 pretraining steps at scale 0.08 would be 240; the profile's pretraining_set asks for
+    # 1500 (120), so the table's 240-step checkpoint is dropped, not invented
+    assert pre.cfg.pretrain.steps == 120
+    assert pre.cfg.pretrain.save_steps == (40, 80, 120)
+    assert pre.cfg.data.patch_size == (64, 64)
     base = next(c for c in quick if c.labels.get("1a") == {"model": "3-level", "data": "low"})
-    assert base.cfg.train.steps == 50 and base.cfg.train.val_every == 5
+    assert base.cfg.train.steps == 400 and base.cfg.train.val_every == 50
+    assert base.cfg.data.spatial_dims == 2
     transfer = [c for c in quick if "2b" in c.labels]
-    assert all(c.cfg.train.steps == 20 for c in transfer)  # 500 * 0.01, raised to min_train_steps
-    assert {c.needs for c in transfer if c.needs} == {("autoencoder", 30), ("genesis", 30)}
+    assert all(c.cfg.train.steps == 300 for c in transfer)  # 500 * 0.08, raised to min_train_steps
+    assert {c.needs for c in transfer if c.needs} == {("autoencoder", 120), ("genesis", 120)}
     plan = json.loads(study_spec.plan_json(study, "quick", quick))
-    assert plan["steps"]["2a"] == [5, 10, 15, 30]  # what the pretraining runs keep
+    assert plan["steps"]["2a"] == [40, 80, 120]  # what the pretraining runs keep
     big = next(
         c for c in paper.values() if c.labels.get("1a") == {"model": "3-level", "data": "full"}
     )
@@ -333,8 +337,8 @@ def test_report_tables_flag_unconverged_runs_and_identical_cells(tmp_path):
         "Vol. error WM (mL)",
     ]
     words = data_words(plan, runs)
-    assert "SYNTHETIC demo cohort (16" in words and "3D" in words and "4 mm" in words
-    assert "4 test and 2 validation" in words and "32x32x32" in words and "3 seed(s)" in words
+    assert "SYNTHETIC demo cohort (16" in words and "2D" in words and "2 mm" in words
+    assert "4 test and 2 validation" in words and "64x64 voxels" in words and "3 seed(s)" in words
 
 
 def test_time_left_from_seconds_per_step_of_finished_runs():
