@@ -90,6 +90,10 @@ def _must_exist(path: str | Path | None, what: str) -> None:
 
 
 NO_DATASET = "dataset not found; give a dataset.json or a folder with images/ and labels/"
+NO_SOURCE = (
+    "unlabelled source not found; give a dataset.json, a folder of NIfTI files (or with "
+    "images/) or a .nii.gz file"
+)
 SkullStripOpt = Annotated[
     str,
     typer.Option(
@@ -337,6 +341,14 @@ def pretrain(
         bool,
         typer.Option("--resume", help="Continue an interrupted run (or reuse a finished one)."),
     ] = False,
+    unlabelled: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--unlabelled",
+            help="More scans for the pool: a dataset.json, a folder of NIfTI files or one "
+            "NIfTI file (repeatable; added to pretrain.unlabelled).",
+        ),
+    ] = None,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -344,8 +356,12 @@ def pretrain(
 
     The method is pretrain.method (autoencoder or genesis); checkpoints for transfer are kept at
     pretrain.save_steps and the last step. Use one with: lowlabel train --init-from RUN_FOLDER.
+    Scans from --unlabelled (or pretrain.unlabelled) join the pool, except any image of the
+    run's validation or test subjects; pool.json lists the images used and those left out.
     """
     _must_exist(data, NO_DATASET)
+    for source in unlabelled or []:
+        _must_exist(source, NO_SOURCE)
     extra: dict = {}
     if device is not None:
         extra["train.device"] = device
@@ -354,15 +370,24 @@ def pretrain(
     if out is not None:
         extra["out"] = str(out)
     cfg = _load(config, set_, extra)
+    if unlabelled:
+        sources = [*cfg.pretrain.unlabelled, *map(str, unlabelled)]
+        cfg = cfg.replace(**{"pretrain.unlabelled": sources})
     _say_if_demo(cfg)
     with _interruptible():
         from lowlabel.engine.pretrain import pretrain as run_pretrain
 
         result = run_pretrain(cfg, resume=resume, progress=not quiet)
+    on = f" on {result.images} images" if result.images else ""
     typer.echo(
-        f"run {result.run_dir}: {result.steps} steps, train loss {result.train_loss:.4f}, "
+        f"run {result.run_dir}: {result.steps} steps{on}, train loss {result.train_loss:.4f}, "
         f"val MSE {result.val_mse:.4f}, val MAE {result.val_mae:.4f}"
     )
+    if result.dropped:
+        typer.echo(
+            f"  left out {result.dropped} image(s) of the unlabelled sources: validation or "
+            "test subjects of this run (see pool.json)"
+        )
     for step, path in result.checkpoints.items():
         typer.echo(f"  checkpoint {step}: {path}")
     if result.figure:

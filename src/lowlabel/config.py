@@ -228,6 +228,12 @@ class PretrainConfig:
         steps: step budget (optimizer updates); validation every ``train.val_every`` steps.
         save_steps: steps at which a checkpoint is kept for later transfer (the final step always).
         lr: AdamW learning rate.
+        unlabelled: further sources of unlabelled scans for the pool, besides the training
+            pool's images and the dataset's unlabelled list: each a ``dataset.json`` (its images;
+            labels ignored), a folder of NIfTI files (or with ``images/``) or one NIfTI file;
+            a relative path is read from the config file's folder. Scans at other resolutions
+            are resampled to ``data.spacing``. Any image of the run's validation or test
+            subjects is dropped (the run says how many); ``pool.json`` lists what was used.
         nonlinear_prob, shuffle_prob, paint_prob, inpaint_prob: Models Genesis corruption
             probabilities (``inpaint_prob`` is the share of painting that is in- rather than
             out-painting).
@@ -237,6 +243,7 @@ class PretrainConfig:
     steps: int = 1000
     save_steps: tuple[int, ...] = ()
     lr: float = 1e-3
+    unlabelled: tuple[str, ...] = ()
     nonlinear_prob: float = 0.9
     shuffle_prob: float = 0.5
     paint_prob: float = 0.9
@@ -560,9 +567,22 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             candidate = path.parent / dataset
             if candidate.exists() and not Path(dataset).exists():
                 data["data"]["dataset"] = str(candidate)
+        section = data.get("pretrain")
+        sources = section.get("unlabelled") if isinstance(section, dict) else None
+        if isinstance(sources, list):
+            section["unlabelled"] = [_beside(path, s) for s in sources]
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
     return from_dict(data)
+
+
+def _beside(config: Path, value: Any) -> Any:
+    """A relative path in a config file, read from the file's folder when it is found there and
+    not from the working directory."""
+    if not isinstance(value, str) or Path(value).is_absolute() or Path(value).exists():
+        return value
+    candidate = config.parent / value
+    return str(candidate) if candidate.exists() else value
 
 
 def validate(cfg: RunConfig) -> None:
@@ -657,6 +677,9 @@ LATER_KEYS = (
     "loss.class_weights",
     "loss.lambda_dice",
     "loss.lambda_ce",
+    "pretrain.unlabelled",
+    "transfer.scope",
+    "transfer.lr_scale",
 )
 
 # What a pretraining run does not read: its folder is hashed on the rest.
