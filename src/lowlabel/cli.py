@@ -119,10 +119,26 @@ def train(
     out: RunsOpt = None,
     init_from: Annotated[
         Path | None,
-        typer.Option("--init-from", help="Pretrained checkpoint or pretraining run folder."),
+        typer.Option(
+            "--init-from",
+            help="Start from a model bundle (lowlabel export), a training or pretraining run "
+            "folder, or a .safetensors checkpoint (transfer.init_from).",
+        ),
     ] = None,
     transfer: Annotated[
-        str | None, typer.Option("--transfer", help="scratch, frozen, finetune or gradual.")
+        str | None,
+        typer.Option(
+            "--transfer", help="scratch, frozen, finetune (default with --init-from) or gradual."
+        ),
+    ] = None,
+    scope: Annotated[
+        str | None,
+        typer.Option(
+            "--scope",
+            help="encoder (load the encoder only) or all (the whole network, e.g. a bundle to "
+            "adapt to your scans; learning rate 0.1 x train.lr unless transfer.lr_scale says "
+            "otherwise).",
+        ),
     ] = None,
     resume: Annotated[
         bool,
@@ -134,9 +150,15 @@ def train(
     """Train a segmentation UNet under a label budget and evaluate it on the test split.
 
     Without --data (and no data.dataset in the config) it trains on the synthetic demo cohort.
+    To adapt a model to your own site: lowlabel train --data MY_DATASET --init-from MODEL_DIR
+    --scope all (set model.* as the model was trained; lowlabel config --list explains).
     """
     _must_exist(data, NO_DATASET)
-    _must_exist(init_from, "--init-from not found; give a pretraining run folder or checkpoint")
+    _must_exist(
+        init_from,
+        "--init-from not found; give a model bundle, a training or pretraining run folder, or "
+        "a .safetensors checkpoint",
+    )
     extra: dict = {}
     if device is not None:
         extra["train.device"] = device
@@ -149,6 +171,8 @@ def train(
         extra.setdefault("transfer.mode", "finetune")
     if transfer is not None:
         extra["transfer.mode"] = transfer
+    if scope is not None:
+        extra["transfer.scope"] = scope
     cfg = _load(config, set_, extra)
     _say_if_demo(cfg)
     with _interruptible():

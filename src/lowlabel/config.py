@@ -198,22 +198,42 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TransferConfig:
-    """How a segmentation run starts from a pretrained checkpoint.
+    """How a segmentation run starts from a pretrained or trained network.
 
     Attributes:
-        init_from: a pretraining run folder or its ``.safetensors`` checkpoint; None trains from
-            scratch.
+        init_from: where the weights come from: a pretraining run folder, a training run
+            folder (its best weights), a model bundle folder written by ``lowlabel export``
+            (a single model; an ensemble is refused) or a ``.safetensors`` checkpoint of any of
+            them; None trains from scratch.
         mode: ``scratch`` ignores ``init_from``; ``frozen`` keeps the encoder fixed;
             ``finetune`` trains everything (encoder at ``encoder_lr_scale`` times the rate);
             ``gradual`` starts frozen and unfreezes after ``unfreeze_after`` steps.
-        encoder_lr_scale: the encoder's learning rate relative to ``train.lr`` when fine-tuned.
+        scope: ``encoder`` loads the encoder blocks level by level (any depth, e.g. from a
+            pretraining run); ``all`` loads every tensor (encoder, decoder and head) of a source
+            with the same network, e.g. a bundle to adapt to a new site with a few labelled
+            scans (set ``model.*`` as in the source; a difference is an error that names it).
+        lr_scale: every learning rate of the run is ``train.lr`` times this (the encoder's also
+            times ``encoder_lr_scale``), under the same ``train.schedule``; null means 0.1 with
+            ``scope: all`` (fine-tuning a trained network: 1e-4 with the default ``train.lr``,
+            decayed by the poly schedule, so a few scans adjust the model rather than overwrite
+            it) and 1 with ``scope: encoder``.
+        encoder_lr_scale: the encoder's learning rate relative to the rest when fine-tuned.
         unfreeze_after: steps before a ``gradual`` transfer unfreezes the encoder.
     """
 
     init_from: str | None = None
     mode: Literal["scratch", "frozen", "finetune", "gradual"] = "scratch"
+    scope: Literal["encoder", "all"] = "encoder"
+    lr_scale: float | None = None
     encoder_lr_scale: float = 1.0
     unfreeze_after: int = 0
+
+    @property
+    def learning_rate_scale(self) -> float:
+        """``lr_scale``, or its default for the ``scope`` when it is null."""
+        if self.lr_scale is not None:
+            return self.lr_scale
+        return 0.1 if self.scope == "all" else 1.0
 
 
 @dataclass(frozen=True)
@@ -645,6 +665,10 @@ def validate(cfg: RunConfig) -> None:
         raise LowlabelError(
             f"config keys 'transfer.mode' and 'transfer.init_from': mode {tr.mode} needs a "
             "pretrained checkpoint or pretraining run folder in init_from"
+        )
+    if tr.lr_scale is not None and tr.lr_scale <= 0:
+        raise LowlabelError(
+            f"config key 'transfer.lr_scale': must be > 0 (or null), got {tr.lr_scale}"
         )
     if d.label_map is not None:
         bad_targets = sorted(v for v in d.label_map.values() if v not in (0, 1, 2, 3))
