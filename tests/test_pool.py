@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import make_tiny_dataset, phantom, tiny_overrides, write
 from helpers import cli
 
@@ -133,3 +134,34 @@ def test_cli_unlabelled_sources(tiny_dataset, tmp_path, monkeypatch, capsys):
     assert "steps on 6 images" in out
     assert "left out 3 image(s)" in out
     shutil.rmtree(tmp_path / "runs")
+
+
+def test_folder_sources_leave_out_label_maps_and_other_channels(tmp_path):
+    from lowlabel.data.datasets import source_images
+
+    image, label = phantom((8, 8, 8))
+    flat = tmp_path / "flat"
+    for name in ("a_T1", "a_tissues", "a_brainmask", "b", "b_seg"):
+        write(flat / f"{name}.nii.gz", label if "_" in name[1:] else image, np.eye(4))
+    assert [Path(p).name for p in source_images(flat)] == ["a_T1.nii.gz", "b.nii.gz"]
+
+    nnunet = tmp_path / "Dataset001"
+    for name in ("imagesTr/c_0000", "imagesTr/c_0001", "labelsTr/c", "imagesTs/d_0000"):
+        write(nnunet / f"{name}.nii.gz", image, np.eye(4))
+    (nnunet / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1"}}))
+    expected = ["c_0000.nii.gz", "d_0000.nii.gz"]
+    assert [Path(p).name for p in source_images(nnunet)] == expected
+    assert [Path(p).name for p in source_images(nnunet / "dataset.json")] == expected
+
+
+def test_ixi_dataset_json_gives_its_skull_stripped_images():
+    from lowlabel.data.datasets import source_images
+
+    ixi = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ixi" / "dataset.json"
+    if not ixi.is_file():
+        pytest.skip("IXI data not present")
+    images = source_images(ixi)
+    assert len(images) == 148 and all(p.endswith("_SS.nii.gz") for p in images)
+    # the folder itself holds labels and masks too: only images join
+    from_folder = source_images(ixi.parent)
+    assert not [p for p in from_folder if "tissues" in p or "mask" in p]

@@ -242,12 +242,41 @@ def check_dataset(source: str | Path, label_map: dict[int, int] | None = None) -
     }
 
 
+# file names (before .nii[.gz]) of label maps and masks, never pool images in a plain folder
+NOT_IMAGES = (
+    "_seg",
+    "_dseg",
+    "_probseg",
+    "_label",
+    "_labels",
+    "_mask",
+    "_brainmask",
+    "_tissues",
+    "_classified",
+)
+
+
+def _folder_images(path: Path) -> list[str]:
+    """The images of a folder source: ``images/`` (or nnU-Net's ``imagesTr/`` and ``imagesTs/``,
+    first channel ``*_0000`` only) and ``unlabelled/``; else the NIfTI files in the folder itself,
+    except those named like label maps or masks (:data:`NOT_IMAGES`)."""
+    nnunet = [path / name for name in ("imagesTr", "imagesTs") if (path / name).is_dir()]
+    if nnunet:
+        return [str(p.resolve()) for f in nnunet for p in _niftis(f) if _stem(p).endswith("_0000")]
+    folders = [path / name for name in ("images", "unlabelled", "unlabeled")]
+    folders = [f for f in folders if f.is_dir()]
+    if folders:
+        return [str(p.resolve()) for f in folders for p in _niftis(f)]
+    return [str(p.resolve()) for p in _niftis(path) if not _stem(p).lower().endswith(NOT_IMAGES)]
+
+
 def source_images(source: str | Path) -> list[str]:
     """Every image of one source of unlabelled scans, as resolved absolute paths (labels ignored).
 
-    A source is a ``dataset.json`` (its training images and its unlabelled list), a folder (an
-    ``images/`` folder with or without ``labels/``, an ``unlabelled/`` folder, or NIfTI files
-    directly inside it) or a single NIfTI file.
+    A source is a ``dataset.json`` (its ``training`` images and its unlabelled list; an nnU-Net
+    ``dataset.json`` stands for its folder), a folder (with ``images/``, nnU-Net's
+    ``imagesTr/``, an ``unlabelled/`` folder, or NIfTI files directly inside it, label maps and
+    masks by name left out) or a single NIfTI file.
 
     Raises:
         LowlabelError: the source does not exist, is not one of those, or holds no image.
@@ -266,6 +295,8 @@ def source_images(source: str | Path) -> list[str]:
         if not isinstance(raw, dict):
             raise LowlabelError(f"{path}: not a dataset.json (no 'training' list); {fix}")
         images = []
+        if "training" not in raw and (path.parent / "imagesTr").is_dir():
+            images = _folder_images(path.parent)  # nnU-Net v2: the folder lists the images
         for key in ("training", "unlabeled", "unlabelled"):
             entries = raw.get(key) or []
             if not isinstance(entries, list):
@@ -277,9 +308,7 @@ def source_images(source: str | Path) -> list[str]:
                 p = Path(rel)
                 images.append(str((p if p.is_absolute() else path.parent / p).resolve()))
     else:
-        folders = [path / name for name in ("images", "unlabelled", "unlabeled")]
-        folders = [f for f in folders if f.is_dir()] or [path]
-        images = [str(p.resolve()) for f in folders for p in _niftis(f)]
+        images = _folder_images(path)
     if not images:
         raise LowlabelError(f"{path}: no images in this unlabelled source; {fix}")
     return list(dict.fromkeys(images))
