@@ -298,16 +298,14 @@ def architecture_mismatch(src: nn.Module, model: nn.Module, cfg: RunConfig) -> s
     keys = [k for k in ours if ours[k] != theirs[k] and k != "dropout"]
     if keys:
         k = keys[0]
-        return f"model.{k} is {theirs[k]} in the source, {ours[k]} in this run (set it to match)"
+        return f"model.{k} is {theirs[k]} in the source, {ours[k]} in this run"
     source, target = src.state_dict(), model.state_dict()
     for key, value in target.items():
         if key not in source:
             return f"tensor {key} is not in the source"
         if source[key].shape != value.shape:
             shapes = f"{list(source[key].shape)} in the source, {list(value.shape)} here"
-            pretrained = getattr(src, "out_channels", None) == 1
-            why = " (a pretraining network restores images: it has no segmentation head)"
-            return f"tensor {key} is {shapes}{why if pretrained else ''}"
+            return f"tensor {key} is {shapes}"
     extra = sorted(set(source) - set(target))
     return f"the source has tensors this network lacks ({extra[0]}, ...)" if extra else None
 
@@ -322,10 +320,16 @@ def load_all(src: nn.Module, model: nn.Module, cfg: RunConfig, path: Path) -> di
         LowlabelError: the networks differ, in one line that names the difference.
     """
     problem = architecture_mismatch(src, model, cfg)
+    if problem and getattr(src, "out_channels", None) == 1:
+        raise LowlabelError(
+            f"{path}: transfer.scope all needs the source's network, but {problem} (a "
+            "pretraining network restores images and has no segmentation head); use "
+            "transfer.scope encoder"
+        )
     if problem:
         raise LowlabelError(
-            f"{path}: transfer.scope all needs the source's network, but {problem}; or use "
-            "transfer.scope encoder"
+            f"{path}: transfer.scope all needs the source's network, but {problem}; set model.* "
+            "as in the source, or use transfer.scope encoder"
         )
     source = src.state_dict()
     with torch.no_grad():
