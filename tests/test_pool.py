@@ -96,6 +96,17 @@ def test_pretraining_records_every_image_it_saw(tiny_dataset, tmp_path):
     assert sorted(d["image"] for d in pool["dropped"]) == sorted(held)
     _, meta = checkpoint.load(run / "checkpoint-2.safetensors")
     assert meta["images"] == pool["images"]
+
+    # a segmentation run started from it records which pool its encoder came from
+    from lowlabel.models.transfer import prepare
+    from lowlabel.models.unet import build_model
+
+    init = {"transfer.init_from": str(run), "transfer.mode": "finetune"}
+    seg = _cfg(tiny_dataset, tmp_path / "runs", **init)
+    prepare(build_model(seg.model, 3), seg, tmp_path)
+    start = json.loads((tmp_path / "transfer.json").read_text())["origin"]
+    assert start["kind"] == "pretrain" and start["run_dir"] == str(run.resolve())
+    assert start["images"] == result.images and start["step"] == 2
     # a run without sources keeps the folder it always had
     assert _cfg(tiny_dataset, tmp_path / "runs").pretrain.unlabelled == ()
 
