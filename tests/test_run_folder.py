@@ -112,6 +112,7 @@ def test_default_execution_settings_keep_the_folder_names_of_older_runs(tiny_con
         del data["name"], data["out"], data["semi"]
         del data["train"]["device"], data["train"]["deterministic"]
         del data["loss"], data["model"]["deep_supervision"]  # added later, at their defaults here
+        del data["pretrain"]["unlabelled"], data["transfer"]["scope"], data["transfer"]["lr_scale"]
         data["train"]["bf16"] = data["train"].pop("precision") == "bf16"
         old = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
         assert config_hash(cfg) == old

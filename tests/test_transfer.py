@@ -248,7 +248,7 @@ def test_pickled_or_missing_sources_are_refused(tiny_dataset, tmp_path):
     for source, message in (
         (bad, "never unpickles"),
         (tmp_path / "nope", "does not exist"),
-        (tmp_path, "no finished pretraining run"),
+        (tmp_path, "no model here"),
     ):
         cfg = _cfg(
             tiny_dataset,

@@ -91,10 +91,7 @@ def _member(run_dir: Path, allow_unfinished: bool) -> tuple[RunConfig, nn.Module
     from lowlabel.engine.runs import load_run
 
     cfg, model = load_run(run_dir)
-    weights_meta = checkpoint.read_meta(run_dir / run_folder.BEST)
-    split = _read_json(run_dir / run_folder.SPLITS) or {}
     result = _read_json(run_dir / run_folder.RESULT)
-    trained = _read_json(run_dir / run_folder.PROVENANCE) or {}
     if result is None and not allow_unfinished:
         # a script 'train && export' must not ship a half-trained model after a Ctrl-C
         raise LowlabelError(
@@ -104,6 +101,24 @@ def _member(run_dir: Path, allow_unfinished: bool) -> tuple[RunConfig, nn.Module
         )
     if result is None:
         log.warning("%s: unfinished run; exporting its best weights so far", run_dir)
+    return cfg, model, run_provenance(run_dir, cfg)
+
+
+def run_provenance(run_dir: Path, cfg: RunConfig | None = None) -> dict:
+    """Where a training run's best weights come from: dataset, labelled subjects, seed, test
+    metrics, versions and, for a run that started from another network, ``initialised_from``
+    (:func:`origin`, nested as deep as the chain goes).
+
+    Args:
+        cfg: the run's config; read from its ``config.yaml`` when None.
+    """
+    if cfg is None:
+        raw = yaml.safe_load((run_dir / run_folder.CONFIG).read_text())
+        cfg = from_dict(raw, check=False)
+    weights_meta = checkpoint.read_meta(run_dir / run_folder.BEST)
+    split = _read_json(run_dir / run_folder.SPLITS) or {}
+    result = _read_json(run_dir / run_folder.RESULT)
+    trained = _read_json(run_dir / run_folder.PROVENANCE) or {}
     test = (result or {}).get("test") or None
     provenance = {
         "run_dir": str(run_dir.resolve()),
@@ -122,7 +137,35 @@ def _member(run_dir: Path, allow_unfinished: bool) -> tuple[RunConfig, nn.Module
         ),
         "trained_with": {k: trained.get(k) for k in ("lowlabel", "git_revision", "torch", "monai")},
     }
-    return cfg, model, provenance
+    transfer = _read_json(run_dir / run_folder.TRANSFER)
+    if transfer and transfer.get("origin"):
+        how = {k: transfer.get(k) for k in ("mode", "scope", "n_loaded")}
+        provenance["initialised_from"] = {**transfer["origin"], **how}
+    return provenance
+
+
+def origin(source: Path, meta: dict) -> dict:
+    """What a transfer's weights at ``source`` (a checkpoint file) come from: a bundle (its
+    provenance), a training run (:func:`run_provenance`) or a pretraining run (method, step and
+    the images it saw); recorded in ``transfer.json`` and in the provenance of a bundle exported
+    from the run."""
+    folder = source.parent
+    out: dict = {"checkpoint": str(source.resolve()), "kind": meta.get("kind")}
+    if source.name == WEIGHTS and (folder / INFO).is_file():
+        info = _read_json(folder / INFO) or {}
+        out.update(kind="bundle", model_dir=str(folder.resolve()))
+        out["provenance"] = info.get("provenance")
+    elif source.name == run_folder.BEST and (folder / run_folder.CONFIG).is_file():
+        try:
+            out.update(kind="run", provenance=run_provenance(folder))
+        except (OSError, yaml.YAMLError, LowlabelError):
+            log.warning("%s: unreadable run record, left out of the provenance", folder)
+    elif str(meta.get("kind", "")).startswith("pretrain"):
+        pool = _read_json(folder / run_folder.POOL) or {}
+        out.update(run_dir=str(folder.resolve()), method=meta.get("method"))
+        out.update(step=meta.get("step"), images=len(meta.get("images") or pool.get("images", [])))
+        out["dataset"] = pool.get("source")
+    return out
 
 
 def _trained_on(runs: list[Path]) -> dict:

@@ -90,6 +90,10 @@ def _must_exist(path: str | Path | None, what: str) -> None:
 
 
 NO_DATASET = "dataset not found; give a dataset.json or a folder with images/ and labels/"
+NO_SOURCE = (
+    "unlabelled source not found; give a dataset.json, a folder of NIfTI files (or with "
+    "images/) or a .nii.gz file"
+)
 SkullStripOpt = Annotated[
     str,
     typer.Option(
@@ -115,10 +119,26 @@ def train(
     out: RunsOpt = None,
     init_from: Annotated[
         Path | None,
-        typer.Option("--init-from", help="Pretrained checkpoint or pretraining run folder."),
+        typer.Option(
+            "--init-from",
+            help="Start from a model bundle (lowlabel export), a training or pretraining run "
+            "folder, or a .safetensors checkpoint (transfer.init_from).",
+        ),
     ] = None,
     transfer: Annotated[
-        str | None, typer.Option("--transfer", help="scratch, frozen, finetune or gradual.")
+        str | None,
+        typer.Option(
+            "--transfer", help="scratch, frozen, finetune (default with --init-from) or gradual."
+        ),
+    ] = None,
+    scope: Annotated[
+        str | None,
+        typer.Option(
+            "--scope",
+            help="encoder (load the encoder only) or all (the whole network, e.g. a bundle to "
+            "adapt to your scans; learning rate 0.1 x train.lr unless transfer.lr_scale says "
+            "otherwise).",
+        ),
     ] = None,
     resume: Annotated[
         bool,
@@ -130,9 +150,15 @@ def train(
     """Train a segmentation UNet under a label budget and evaluate it on the test split.
 
     Without --data (and no data.dataset in the config) it trains on the synthetic demo cohort.
+    To adapt a model to your own site: lowlabel train --data MY_DATASET --init-from MODEL_DIR
+    --scope all (set model.* as the model was trained; lowlabel config --list explains).
     """
     _must_exist(data, NO_DATASET)
-    _must_exist(init_from, "--init-from not found; give a pretraining run folder or checkpoint")
+    _must_exist(
+        init_from,
+        "--init-from not found; give a model bundle, a training or pretraining run folder, or "
+        "a .safetensors checkpoint",
+    )
     extra: dict = {}
     if device is not None:
         extra["train.device"] = device
@@ -145,6 +171,8 @@ def train(
         extra.setdefault("transfer.mode", "finetune")
     if transfer is not None:
         extra["transfer.mode"] = transfer
+    if scope is not None:
+        extra["transfer.scope"] = scope
     cfg = _load(config, set_, extra)
     _say_if_demo(cfg)
     with _interruptible():
@@ -337,6 +365,14 @@ def pretrain(
         bool,
         typer.Option("--resume", help="Continue an interrupted run (or reuse a finished one)."),
     ] = False,
+    unlabelled: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--unlabelled",
+            help="More scans for the pool: a dataset.json, a folder of NIfTI files or one "
+            "NIfTI file (repeatable; added to pretrain.unlabelled).",
+        ),
+    ] = None,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -344,8 +380,12 @@ def pretrain(
 
     The method is pretrain.method (autoencoder or genesis); checkpoints for transfer are kept at
     pretrain.save_steps and the last step. Use one with: lowlabel train --init-from RUN_FOLDER.
+    Scans from --unlabelled (or pretrain.unlabelled) join the pool, except any image of the
+    run's validation or test subjects; pool.json lists the images used and those left out.
     """
     _must_exist(data, NO_DATASET)
+    for source in unlabelled or []:
+        _must_exist(source, NO_SOURCE)
     extra: dict = {}
     if device is not None:
         extra["train.device"] = device
@@ -354,15 +394,24 @@ def pretrain(
     if out is not None:
         extra["out"] = str(out)
     cfg = _load(config, set_, extra)
+    if unlabelled:
+        sources = [*cfg.pretrain.unlabelled, *map(str, unlabelled)]
+        cfg = cfg.replace(**{"pretrain.unlabelled": sources})
     _say_if_demo(cfg)
     with _interruptible():
         from lowlabel.engine.pretrain import pretrain as run_pretrain
 
         result = run_pretrain(cfg, resume=resume, progress=not quiet)
+    on = f" on {result.images} images" if result.images else ""
     typer.echo(
-        f"run {result.run_dir}: {result.steps} steps, train loss {result.train_loss:.4f}, "
+        f"run {result.run_dir}: {result.steps} steps{on}, train loss {result.train_loss:.4f}, "
         f"val MSE {result.val_mse:.4f}, val MAE {result.val_mae:.4f}"
     )
+    if result.dropped:
+        typer.echo(
+            f"  left out {result.dropped} image(s) of the unlabelled sources: validation or "
+            "test subjects of this run (see pool.json)"
+        )
     for step, path in result.checkpoints.items():
         typer.echo(f"  checkpoint {step}: {path}")
     if result.figure:

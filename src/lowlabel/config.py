@@ -198,22 +198,42 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TransferConfig:
-    """How a segmentation run starts from a pretrained checkpoint.
+    """How a segmentation run starts from a pretrained or trained network.
 
     Attributes:
-        init_from: a pretraining run folder or its ``.safetensors`` checkpoint; None trains from
-            scratch.
+        init_from: where the weights come from: a pretraining run folder, a training run
+            folder (its best weights), a model bundle folder written by ``lowlabel export``
+            (a single model; an ensemble is refused) or a ``.safetensors`` checkpoint of any of
+            them; None trains from scratch.
         mode: ``scratch`` ignores ``init_from``; ``frozen`` keeps the encoder fixed;
             ``finetune`` trains everything (encoder at ``encoder_lr_scale`` times the rate);
             ``gradual`` starts frozen and unfreezes after ``unfreeze_after`` steps.
-        encoder_lr_scale: the encoder's learning rate relative to ``train.lr`` when fine-tuned.
+        scope: ``encoder`` loads the encoder blocks level by level (any depth, e.g. from a
+            pretraining run); ``all`` loads every tensor (encoder, decoder and head) of a source
+            with the same network, e.g. a bundle to adapt to a new site with a few labelled
+            scans (set ``model.*`` as in the source; a difference is an error that names it).
+        lr_scale: every learning rate of the run is ``train.lr`` times this (the encoder's also
+            times ``encoder_lr_scale``), under the same ``train.schedule``; null means 0.1 with
+            ``scope: all`` (fine-tuning a trained network: 1e-4 with the default ``train.lr``,
+            decayed by the poly schedule, so a few scans adjust the model rather than overwrite
+            it) and 1 with ``scope: encoder``.
+        encoder_lr_scale: the encoder's learning rate relative to the rest when fine-tuned.
         unfreeze_after: steps before a ``gradual`` transfer unfreezes the encoder.
     """
 
     init_from: str | None = None
     mode: Literal["scratch", "frozen", "finetune", "gradual"] = "scratch"
+    scope: Literal["encoder", "all"] = "encoder"
+    lr_scale: float | None = None
     encoder_lr_scale: float = 1.0
     unfreeze_after: int = 0
+
+    @property
+    def learning_rate_scale(self) -> float:
+        """``lr_scale``, or its default for the ``scope`` when it is null."""
+        if self.lr_scale is not None:
+            return self.lr_scale
+        return 0.1 if self.scope == "all" else 1.0
 
 
 @dataclass(frozen=True)
@@ -228,6 +248,12 @@ class PretrainConfig:
         steps: step budget (optimizer updates); validation every ``train.val_every`` steps.
         save_steps: steps at which a checkpoint is kept for later transfer (the final step always).
         lr: AdamW learning rate.
+        unlabelled: further sources of unlabelled scans for the pool, besides the training
+            pool's images and the dataset's unlabelled list: each a ``dataset.json`` (its images;
+            labels ignored), a folder of NIfTI files (or with ``images/``) or one NIfTI file;
+            a relative path is read from the config file's folder. Scans at other resolutions
+            are resampled to ``data.spacing``. Any image of the run's validation or test
+            subjects is dropped (the run says how many); ``pool.json`` lists what was used.
         nonlinear_prob, shuffle_prob, paint_prob, inpaint_prob: Models Genesis corruption
             probabilities (``inpaint_prob`` is the share of painting that is in- rather than
             out-painting).
@@ -237,6 +263,7 @@ class PretrainConfig:
     steps: int = 1000
     save_steps: tuple[int, ...] = ()
     lr: float = 1e-3
+    unlabelled: tuple[str, ...] = ()
     nonlinear_prob: float = 0.9
     shuffle_prob: float = 0.5
     paint_prob: float = 0.9
@@ -560,9 +587,22 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             candidate = path.parent / dataset
             if candidate.exists() and not Path(dataset).exists():
                 data["data"]["dataset"] = str(candidate)
+        section = data.get("pretrain")
+        sources = section.get("unlabelled") if isinstance(section, dict) else None
+        if isinstance(sources, list):
+            section["unlabelled"] = [_beside(path, s) for s in sources]
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
     return from_dict(data)
+
+
+def _beside(config: Path, value: Any) -> Any:
+    """A relative path in a config file, read from the file's folder when it is found there and
+    not from the working directory."""
+    if not isinstance(value, str) or Path(value).is_absolute() or Path(value).exists():
+        return value
+    candidate = config.parent / value
+    return str(candidate) if candidate.exists() else value
 
 
 def validate(cfg: RunConfig) -> None:
@@ -626,6 +666,10 @@ def validate(cfg: RunConfig) -> None:
             f"config keys 'transfer.mode' and 'transfer.init_from': mode {tr.mode} needs a "
             "pretrained checkpoint or pretraining run folder in init_from"
         )
+    if tr.lr_scale is not None and tr.lr_scale <= 0:
+        raise LowlabelError(
+            f"config key 'transfer.lr_scale': must be > 0 (or null), got {tr.lr_scale}"
+        )
     if d.label_map is not None:
         bad_targets = sorted(v for v in d.label_map.values() if v not in (0, 1, 2, 3))
         if bad_targets:
@@ -657,6 +701,9 @@ LATER_KEYS = (
     "loss.class_weights",
     "loss.lambda_dice",
     "loss.lambda_ce",
+    "pretrain.unlabelled",
+    "transfer.scope",
+    "transfer.lr_scale",
 )
 
 # What a pretraining run does not read: its folder is hashed on the rest.

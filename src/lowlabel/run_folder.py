@@ -3,7 +3,9 @@
 A run folder (``<out>/<name>-<hash>``, see :func:`lowlabel.config.run_dir`) holds:
 
 - ``config.yaml``: the resolved config;
-- ``splits.json`` (training) or ``pool.json`` (pretraining): the subjects and images used,
+- ``splits.json`` (training) or ``pool.json`` (pretraining): the subjects and images used
+  (a pretraining run's ``images``, also listed in each of its checkpoints, plus the
+  ``pretrain.unlabelled`` sources and the images ``dropped`` from them, with the reason),
   ``unlabelled.json`` for a mean-teacher run;
 - ``metrics.jsonl``: one line per validation;
 - ``last.safetensors``: resumable state (model, optimizer, RNG, loop state);

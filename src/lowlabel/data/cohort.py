@@ -14,7 +14,13 @@ from monai.transforms import Compose
 from tqdm.auto import tqdm
 
 from lowlabel.config import RunConfig
-from lowlabel.data.datasets import Dataset, check_pair, load_dataset
+from lowlabel.data.datasets import (
+    Dataset,
+    check_pair,
+    load_dataset,
+    possible_ids,
+    source_images,
+)
 from lowlabel.data.demo import demo_dataset
 from lowlabel.data.size import too_small, world_extent
 from lowlabel.data.splits import dataset_key, labelled, load_or_make, save
@@ -64,21 +70,55 @@ def cache_images(images: list[dict], transform: Compose, desc: str, progress: bo
 
 
 def unlabelled_pool(
-    cfg: RunConfig, ds: Dataset | None = None
+    cfg: RunConfig, ds: Dataset | None = None, sources: tuple[str, ...] = ()
 ) -> tuple[list[dict], list[dict], dict]:
-    """Training-pool images (labels ignored) plus the extra unlabelled ones; validation subjects.
+    """Training-pool images (labels ignored), the extra unlabelled ones and those of ``sources``
+    (:func:`~lowlabel.data.datasets.source_images`); validation subjects.
 
     The pool is the split's labelled-training pool at budget 0, so no validation or test subject
-    is ever pretrained on.
+    is ever pretrained on. An image of ``sources`` is dropped when its resolved path is a
+    validation or test image of the run, or, for a source that is the run's own dataset, when
+    its subject id is a validation or test subject's; an image already in the pool is taken once.
+
+    Returns:
+        ``(pool, val, split)``; ``split`` also holds ``sources`` (each with its image count) and
+        ``dropped`` (each image left out, with the reason).
     """
     ds = ds or resolve_dataset(cfg)
     split = resolve_splits(cfg.replace(**{"data.budget": 0}), ds)
     pool = [{"image": s["image"]} for s in ds.by_id(split["train"])]
     pool += [{"image": p} for p in ds.unlabelled]
+    held_out = {
+        str(Path(s["image"]).resolve()): (role, s["id"])
+        for role in ("val", "test")
+        for s in ds.by_id(split[role])
+    }
+    held_ids = {sid: role for role in ("val", "test") for sid in split[role]}
+    own = Path(ds.source).resolve()
+    seen = {str(Path(p["image"]).resolve()) for p in pool}
+    listed, dropped = [], []
+    for source in sources:
+        images = source_images(source)
+        same_dataset = Path(source).resolve() == own
+        added = 0
+        for image in images:
+            role, sid = held_out.get(image, (None, None))
+            named = sorted(possible_ids(image) & held_ids.keys()) if same_dataset else []
+            if role is None and named:
+                sid, role = named[0], held_ids[named[0]]
+            if role is not None:
+                what = "validation" if role == "val" else "test"
+                reason = f"{what} subject {sid} of this run"
+                dropped.append({"image": image, "source": str(source), "reason": reason})
+            elif image not in seen:
+                seen.add(image)
+                pool.append({"image": image})
+                added += 1
+        listed.append({"source": str(source), "images": len(images), "added": added})
     if not pool:
         raise LowlabelError(f"{ds.source}: no training or unlabelled images to pretrain on")
     val = [{"image": s["image"]} for s in ds.by_id(split["val"])]
-    return pool, val, split
+    return pool, val, {**split, "sources": listed, "dropped": dropped}
 
 
 def check_size(items: list[dict], cfg: RunConfig) -> None:
@@ -148,7 +188,11 @@ def load_cohort(cfg: RunConfig, progress: bool = True, check_test: bool = True) 
 
 @dataclass
 class Pool:
-    """The data of one pretraining run: the pool's images and the validation images, cached."""
+    """The data of one pretraining run: the pool's images and the validation images, cached.
+
+    Attributes:
+        split: as :func:`unlabelled_pool` returns it (with ``sources`` and ``dropped``).
+    """
 
     split: dict
     images: list[dict]
@@ -159,7 +203,7 @@ class Pool:
 
 def load_pool(cfg: RunConfig, progress: bool = True) -> Pool:
     """Resolve, cache and check the unlabelled pool of a pretraining run."""
-    pool, val, split = unlabelled_pool(cfg)
+    pool, val, split = unlabelled_pool(cfg, sources=cfg.pretrain.unlabelled)
     pre = preprocess(cfg.data, keys=("image",))
     items = cache_images(pool, pre, "cache pool", progress)
     val_items = cache_images(val, pre, "cache val", progress)

@@ -49,12 +49,18 @@ def _stem(path: str | Path) -> str:
     return name
 
 
-def _subject_id(image: str) -> str:
+def subject_id(image: str) -> str:
+    """A subject's id in a ``dataset.json``: its image's file name without the usual tails."""
     stem = _stem(image)
     for tail in ("_SS", "_T1w", "_T1", "_image", "_img", "_0000"):
         if stem.endswith(tail) and len(stem) > len(tail):
             return stem[: -len(tail)]
     return stem
+
+
+def possible_ids(image: str) -> set[str]:
+    """The ids the subject of ``image`` has in a ``dataset.json`` or in a folder dataset."""
+    return {subject_id(image), _stem(image)}
 
 
 def _from_json(path: Path) -> Dataset:
@@ -74,7 +80,7 @@ def _from_json(path: Path) -> Dataset:
     )
     subjects = []
     for item in items:
-        subject = {"id": _subject_id(item["image"]), "image": item["image"], "label": item["label"]}
+        subject = {"id": subject_id(item["image"]), "image": item["image"], "label": item["label"]}
         if isinstance(item.get("mask"), str):
             subject["mask"] = item["mask"]
         subjects.append(subject)
@@ -234,3 +240,75 @@ def check_dataset(source: str | Path, label_map: dict[int, int] | None = None) -
         "unlabelled": len(ds.unlabelled),
         "problems": problems,
     }
+
+
+# file names (before .nii[.gz]) of label maps and masks, never pool images in a plain folder
+NOT_IMAGES = (
+    "_seg",
+    "_dseg",
+    "_probseg",
+    "_label",
+    "_labels",
+    "_mask",
+    "_brainmask",
+    "_tissues",
+    "_classified",
+)
+
+
+def _folder_images(path: Path) -> list[str]:
+    """The images of a folder source: ``images/`` (or nnU-Net's ``imagesTr/`` and ``imagesTs/``,
+    first channel ``*_0000`` only) and ``unlabelled/``; else the NIfTI files in the folder itself,
+    except those named like label maps or masks (:data:`NOT_IMAGES`)."""
+    nnunet = [path / name for name in ("imagesTr", "imagesTs") if (path / name).is_dir()]
+    if nnunet:
+        return [str(p.resolve()) for f in nnunet for p in _niftis(f) if _stem(p).endswith("_0000")]
+    folders = [path / name for name in ("images", "unlabelled", "unlabeled")]
+    folders = [f for f in folders if f.is_dir()]
+    if folders:
+        return [str(p.resolve()) for f in folders for p in _niftis(f)]
+    return [str(p.resolve()) for p in _niftis(path) if not _stem(p).lower().endswith(NOT_IMAGES)]
+
+
+def source_images(source: str | Path) -> list[str]:
+    """Every image of one source of unlabelled scans, as resolved absolute paths (labels ignored).
+
+    A source is a ``dataset.json`` (its ``training`` images and its unlabelled list; an nnU-Net
+    ``dataset.json`` stands for its folder), a folder (with ``images/``, nnU-Net's
+    ``imagesTr/``, an ``unlabelled/`` folder, or NIfTI files directly inside it, label maps and
+    masks by name left out) or a single NIfTI file.
+
+    Raises:
+        LowlabelError: the source does not exist, is not one of those, or holds no image.
+    """
+    path = Path(source)
+    fix = "give a dataset.json, a folder of NIfTI files (or with images/) or a .nii.gz file"
+    if not path.exists():
+        raise LowlabelError(f"{path}: unlabelled source not found; {fix}")
+    if path.is_file() and path.name.endswith(NIFTI_SUFFIXES):
+        images = [str(path.resolve())]
+    elif path.is_file():
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            raise LowlabelError(f"{path}: not a NIfTI file nor valid JSON; {fix}") from None
+        if not isinstance(raw, dict):
+            raise LowlabelError(f"{path}: not a dataset.json (no 'training' list); {fix}")
+        images = []
+        if "training" not in raw and (path.parent / "imagesTr").is_dir():
+            images = _folder_images(path.parent)  # nnU-Net v2: the folder lists the images
+        for key in ("training", "unlabeled", "unlabelled"):
+            entries = raw.get(key) or []
+            if not isinstance(entries, list):
+                raise LowlabelError(f"{path}: '{key}' is not a list; fix the file")
+            for entry in entries:
+                rel = entry.get("image") if isinstance(entry, dict) else entry
+                if not isinstance(rel, str):
+                    raise LowlabelError(f"{path}: an entry of '{key}' names no image; fix it")
+                p = Path(rel)
+                images.append(str((p if p.is_absolute() else path.parent / p).resolve()))
+    else:
+        images = _folder_images(path)
+    if not images:
+        raise LowlabelError(f"{path}: no images in this unlabelled source; {fix}")
+    return list(dict.fromkeys(images))

@@ -1,10 +1,11 @@
 """``pretrain(cfg) -> PretrainResult``: self-supervised pretraining on unlabelled scans.
 
 The network of ``cfg.model`` (one output channel) learns to restore patches of the training
-pool's images (labels ignored) and of the dataset's extra unlabelled images; validation and test
-subjects are never trained on. It runs the training loop's :func:`~lowlabel.engine.loop.
-train_steps` with the :class:`Restoration` objective, so a killed run resumed from
-``last.safetensors`` ends with the same weights, to the bit, as an uninterrupted one.
+pool's images (labels ignored), of the dataset's extra unlabelled images and of the sources in
+``pretrain.unlabelled``; validation and test subjects are never trained on. It runs the
+training loop's :func:`~lowlabel.engine.loop.train_steps` with the :class:`Restoration`
+objective, so a killed run resumed from ``last.safetensors`` ends with the same weights, to the
+bit, as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from lowlabel.config import RunConfig, to_dict
 from lowlabel.data.batches import PretrainBatches
 from lowlabel.data.cohort import Pool, load_pool
 from lowlabel.engine.inference import predict_logits
-from lowlabel.engine.loop import new_state, train_steps
+from lowlabel.engine.loop import new_state, say, train_steps
 from lowlabel.engine.objectives import Objective
 from lowlabel.engine.runtime import Runtime, runtime, seed_everything
 from lowlabel.errors import LowlabelError
@@ -43,6 +44,9 @@ class PretrainResult:
 
     Attributes:
         checkpoints: ``str(step)`` -> path of ``checkpoint-<step>.safetensors``.
+        images: images in the pool (``pool.json`` lists them).
+        dropped: images of ``pretrain.unlabelled`` left out as validation or test subjects of
+            the run (``pool.json`` says which and why).
         figure: the reconstruction figure, or None without validation subjects.
     """
 
@@ -54,6 +58,8 @@ class PretrainResult:
     val_mae: float
     figure: str | None
     seconds: float
+    images: int = 0
+    dropped: int = 0
 
     @classmethod
     def load(cls, path: Path) -> PretrainResult:
@@ -154,8 +160,9 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> 
     """Pretrain ``cfg.model`` with ``cfg.pretrain.method`` and keep checkpoints for transfer.
 
     Writes the run folder (:mod:`lowlabel.run_folder`): ``config.yaml``, ``pool.json`` (images
-    trained on), ``metrics.jsonl`` (step, train_loss, val_mse, val_mae), ``last.safetensors``
-    (model, optimizer, RNG: resumable), ``checkpoint-<step>.safetensors`` for each saved step,
+    trained on, the ``pretrain.unlabelled`` sources and the images dropped from them),
+    ``metrics.jsonl`` (step, train_loss, val_mse, val_mae), ``last.safetensors`` (model,
+    optimizer, RNG: resumable), ``checkpoint-<step>.safetensors`` for each saved step,
     ``reconstructions.png`` and ``result.json`` (marks the run finished).
 
     Raises:
@@ -171,11 +178,18 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> 
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
     pool = load_pool(cfg, progress)
+    dropped = pool.split["dropped"]
+    if dropped:
+        say(
+            f"pretraining pool: left out {len(dropped)} image(s) of pretrain.unlabelled that are "
+            "validation or test subjects of this run (pool.json lists them)",
+            progress,
+        )
     with folder.setting_up():
         folder.write_config(cfg)
         images = [p["image"] for p in pool.images]
         validation = [v["image"] for v in pool.val]
-        split = {k: pool.split[k] for k in ("source", "split_file")}
+        split = {k: pool.split[k] for k in ("source", "split_file", "sources", "dropped")}
         folder.write_json(POOL, {**split, "images": images, "validation": validation})
         seed_everything(cfg.seed)
         model = rt.place(build_pretrain_model(cfg))
@@ -204,6 +218,8 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> 
         val_mae=state["val_mae"],
         figure=figure,
         seconds=round(state["train_seconds"] + time.perf_counter() - t0, 3),
+        images=len(pool.images),
+        dropped=len(dropped),
     )
     record = provenance(seed=cfg.seed, parameters=count_parameters(model), device=rt.record())
     folder.finish(asdict(result), record)

@@ -1,4 +1,5 @@
-"""Transfer a pretrained encoder into a segmentation network, level by level.
+"""Transfer a pretrained encoder into a segmentation network, level by level (or, with
+``transfer.scope: all``, a whole trained network of the same shape: a run or a model bundle).
 
 MONAI's ``UNet`` nests each level inside the previous one, so the same encoder level has
 different state-dict keys in networks of different depth (``model.1.submodule.0.*`` is level 1
@@ -23,7 +24,8 @@ from torch import nn
 
 from lowlabel import checkpoint
 from lowlabel.atomic import write_json
-from lowlabel.config import RunConfig, from_dict
+from lowlabel.bundle import INFO, WEIGHTS, origin
+from lowlabel.config import RunConfig, from_dict, to_dict
 from lowlabel.errors import LowlabelError
 from lowlabel.models.pretrain import build_pretrain_model
 from lowlabel.models.unet import build_model
@@ -66,31 +68,60 @@ def block_names(model: nn.Module) -> list[str]:
 
 
 def resolve_source(init_from: str | Path) -> Path:
-    """A pretraining (or training) run folder -> its final checkpoint; a file -> itself.
+    """A model bundle folder -> its weights; a pretraining run folder -> its final checkpoint; a
+    training run folder -> its best weights; a file -> itself.
 
     Raises:
-        LowlabelError: nothing usable at that path.
+        LowlabelError: nothing usable at that path, or an ensemble bundle.
     """
     path = Path(init_from)
     if path.is_dir():
+        info = path / INFO
+        if info.is_file():
+            check_single(path, _json(info))
+            return path / WEIGHTS
         result = path / RESULT
         if result.exists():
-            info = json.loads(result.read_text())
-            ckpts = info.get("checkpoints")
+            ckpts = _json(result).get("checkpoints")
             if ckpts:
                 return Path(ckpts[str(max(int(s) for s in ckpts))])
-            if (path / BEST).exists():
-                return path / BEST
+        if (path / BEST).exists():
+            return path / BEST
         found = kept_checkpoints(path)
         if found:
             return found[-1]
         raise LowlabelError(
-            f"{path}: no finished pretraining run here (no result.json or "
-            "checkpoint-*.safetensors); pass a pretraining run folder or a .safetensors checkpoint"
+            f"{path}: no model here (no bundle.json, best.safetensors or "
+            "checkpoint-*.safetensors); pass a model bundle, a training or pretraining run "
+            "folder, or a .safetensors checkpoint"
         )
     if not path.exists():
         raise LowlabelError(f"config key 'transfer.init_from': {path} does not exist")
     return path
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise LowlabelError(f"{path}: not valid JSON; the folder is damaged") from None
+    return data if isinstance(data, dict) else {}
+
+
+def check_single(path: Path, info: dict) -> None:
+    """Refuse an ensemble bundle as a transfer source, naming the runs it was made from.
+
+    Raises:
+        LowlabelError: ``info`` (a ``bundle.json``) describes an ensemble.
+    """
+    members = info.get("ensemble", 1)
+    if members != 1:
+        runs = [m.get("run_dir") for m in info.get("members") or [] if isinstance(m, dict)]
+        first = f" (e.g. export {runs[0]} alone)" if runs and runs[0] else ""
+        raise LowlabelError(
+            f"{path}: an ensemble of {members} models cannot initialise one network; export a "
+            f"single run of it{first} and start from that bundle"
+        )
 
 
 def source_model(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> nn.Module:
@@ -100,6 +131,9 @@ def source_model(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> nn
             f"{path}: checkpoint has no lowlabel config in its metadata; "
             "use a checkpoint written by lowlabel pretrain or train"
         )
+    if any(k.startswith("model.members.") for k in tensors):
+        members = {k.split(".")[2] for k in tensors if k.startswith("model.members.")}
+        check_single(path, {"ensemble": len(members)})
     cfg = from_dict(meta["config"])
     if str(meta.get("kind", "")).startswith("pretrain"):
         model = build_pretrain_model(cfg)
@@ -112,6 +146,7 @@ def source_model(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> nn
             f"{path}: weights do not fit the network in its own config ({str(err).splitlines()[0]})"
         ) from None
     model.spatial_dims = cfg.data.spatial_dims  # type: ignore[attr-defined]
+    model.source_config = cfg  # type: ignore[attr-defined]
     return model
 
 
@@ -174,15 +209,18 @@ class Transfer:
     encoder_lr_scale: float = 1.0
     unfreeze_after: int = 0
     report: dict = field(default_factory=dict)
+    lr_scale: float = 1.0
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         return [p for block in self.encoder for p in block.parameters()]
 
     def param_groups(self, lr: float) -> list[dict]:
-        """AdamW parameter groups: the frozen encoder is left out entirely; finetune gives the
-        encoder ``lr * encoder_lr_scale``; gradual keeps the encoder in its own group from the
-        start (its parameters have no gradient, so AdamW leaves them untouched until unfrozen),
-        which keeps the optimizer's layout fixed and a resumed run loadable."""
+        """AdamW parameter groups, ``lr`` scaled by ``lr_scale``: the frozen encoder is left out
+        entirely; finetune gives the encoder ``encoder_lr_scale`` times that; gradual keeps the
+        encoder in its own group from the start (its parameters have no gradient, so AdamW
+        leaves them untouched until unfrozen), which keeps the optimizer's layout fixed and a
+        resumed run loadable."""
+        lr *= self.lr_scale
         enc = {id(p) for p in self.encoder_parameters()}
         rest = [p for p in self.params if id(p) not in enc]
         if self.mode == "frozen":
@@ -207,31 +245,13 @@ class Transfer:
                 block.eval()
 
 
-def prepare(model: nn.Module, cfg: RunConfig, run_dir: str | Path) -> Transfer:
-    """Load ``cfg.transfer.init_from``'s encoder into ``model`` and set up ``cfg.transfer.mode``.
+def load_encoder(src: nn.Module, model: nn.Module) -> dict:
+    """Load ``src``'s encoder into ``model`` level by level (``transfer.scope: encoder``).
 
-    Writes ``transfer.json`` in ``run_dir``: source, levels mapped, tensors loaded (source ->
-    target key), target tensors of mapped levels left at their initialisation, shape mismatches,
-    source levels without a counterpart.
-
-    Raises:
-        LowlabelError: no ``init_from``, an unreadable source, different spatial dims, or no encoder
-            convolution that would load.
+    Returns:
+        the report's entries (``levels_mapped``, ``loaded``, ``skipped``, ``shape_mismatches``)
+        and ``encoder``, the target blocks that received weights.
     """
-    t = cfg.transfer
-    if not t.init_from:
-        raise LowlabelError(
-            f"config key 'transfer.init_from': transfer mode '{t.mode}' needs a "
-            "pretrained checkpoint or pretraining run folder"
-        )
-    path = resolve_source(t.init_from)
-    tensors, meta = checkpoint.load(path)
-    src = source_model(tensors, meta, path)
-    if src.spatial_dims != cfg.data.spatial_dims:
-        raise LowlabelError(
-            f"{path}: pretrained with data.spatial_dims={src.spatial_dims}, "
-            f"this run uses {cfg.data.spatial_dims}; they must agree"
-        )
     src_blocks, tgt_blocks = encoder_blocks(src), encoder_blocks(model)
     src_names, tgt_names = block_names(src), block_names(model)
     levels, loaded, skipped, mismatched, encoder = [], [], [], [], []
@@ -263,38 +283,153 @@ def prepare(model: nn.Module, cfg: RunConfig, run_dir: str | Path) -> Transfer:
                     }
                 )
                 encoder.append(tgt_blocks[k])
+    return {
+        "levels_mapped": levels,
+        "loaded": loaded,
+        "skipped": skipped,
+        "shape_mismatches": mismatched,
+        "encoder": encoder,
+    }
+
+
+def architecture_mismatch(src: nn.Module, model: nn.Module, cfg: RunConfig) -> str | None:
+    """Why ``src``'s tensors cannot all load into ``model``, in words; None when they can."""
+    ours, theirs = to_dict(cfg.model), to_dict(src.source_config.model)
+    keys = [k for k in ours if ours[k] != theirs[k] and k != "dropout"]
+    if keys:
+        k = keys[0]
+        return f"model.{k} is {theirs[k]} in the source, {ours[k]} in this run"
+    source, target = src.state_dict(), model.state_dict()
+    for key, value in target.items():
+        if key not in source:
+            return f"tensor {key} is not in the source"
+        if source[key].shape != value.shape:
+            shapes = f"{list(source[key].shape)} in the source, {list(value.shape)} here"
+            return f"tensor {key} is {shapes}"
+    extra = sorted(set(source) - set(target))
+    return f"the source has tensors this network lacks ({extra[0]}, ...)" if extra else None
+
+
+def load_all(src: nn.Module, model: nn.Module, cfg: RunConfig, path: Path) -> dict:
+    """Load every tensor of ``src`` into ``model`` (``transfer.scope: all``).
+
+    Returns:
+        the report's entries, as :func:`load_encoder`; every encoder block counts as loaded.
+
+    Raises:
+        LowlabelError: the networks differ, in one line that names the difference.
+    """
+    problem = architecture_mismatch(src, model, cfg)
+    if problem and getattr(src, "out_channels", None) == 1:
+        raise LowlabelError(
+            f"{path}: transfer.scope all needs the source's network, but {problem} (a "
+            "pretraining network restores images and has no segmentation head); use "
+            "transfer.scope encoder"
+        )
+    if problem:
+        raise LowlabelError(
+            f"{path}: transfer.scope all needs the source's network, but {problem}; set model.* "
+            "as in the source, or use transfer.scope encoder"
+        )
+    source = src.state_dict()
+    with torch.no_grad():
+        for key, value in model.state_dict().items():
+            value.copy_(source[key])
+    loaded = [
+        {"source": k, "target": k, "shape": list(v.shape)} for k, v in model.state_dict().items()
+    ]
+    names = block_names(model)
+    levels = [
+        {
+            "level": k,
+            "source": n,
+            "target": n,
+            "tensors": len(b.state_dict()),
+            "of": len(b.state_dict()),
+        }
+        for k, (n, b) in enumerate(zip(names, encoder_blocks(model), strict=True))
+    ]
+    return {
+        "levels_mapped": levels,
+        "loaded": loaded,
+        "skipped": [],
+        "shape_mismatches": [],
+        "encoder": encoder_blocks(model),
+    }
+
+
+def prepare(model: nn.Module, cfg: RunConfig, run_dir: str | Path) -> Transfer:
+    """Load ``cfg.transfer.init_from`` into ``model`` (its encoder, or with ``transfer.scope:
+    all`` every tensor) and set up ``cfg.transfer.mode``.
+
+    Writes ``transfer.json`` in ``run_dir``: source and its ``origin`` (:func:`lowlabel.bundle.
+    origin`), scope, learning-rate scales, levels mapped, tensors loaded (source -> target
+    key), target tensors of mapped levels left at their initialisation, shape mismatches, source
+    levels without a counterpart.
+
+    Raises:
+        LowlabelError: no ``init_from``, an unreadable source or an ensemble, different spatial
+            dims, no encoder convolution that would load, or with scope ``all`` a different
+            network.
+    """
+    t = cfg.transfer
+    if not t.init_from:
+        raise LowlabelError(
+            f"config key 'transfer.init_from': transfer mode '{t.mode}' needs a "
+            "pretrained checkpoint or pretraining run folder"
+        )
+    path = resolve_source(t.init_from)
+    tensors, meta = checkpoint.load(path)
+    src = source_model(tensors, meta, path)
+    if src.spatial_dims != cfg.data.spatial_dims:
+        raise LowlabelError(
+            f"{path}: pretrained with data.spatial_dims={src.spatial_dims}, "
+            f"this run uses {cfg.data.spatial_dims}; they must agree"
+        )
+    n_src, n_tgt = len(encoder_blocks(src)), len(encoder_blocks(model))
+    if t.scope == "all":
+        done = load_all(src, model, cfg, path)
+    else:
+        done = load_encoder(src, model)
+    encoder = done.pop("encoder")
+    loaded, mismatched = done["loaded"], done["shape_mismatches"]
+    # a PReLU slope or a bias alone fits any network; a transfer is only real with kernels
+    if not any(len(e["shape"]) > 1 for e in loaded):
+        raise LowlabelError(
+            f"{path}: no encoder convolution fits this network ({min(n_src, n_tgt)} levels "
+            f"compared, {len(mismatched)} shape mismatches); pretrain with the same "
+            "model.channels as the segmentation run"
+        )
     report = {
         "source": str(path),
         "source_kind": meta.get("kind"),
         "source_method": meta.get("method"),
         "source_step": meta.get("step"),
+        "origin": origin(path, meta),
         "mode": t.mode,
+        "scope": t.scope,
+        "lr": cfg.train.lr * t.learning_rate_scale,
+        "lr_scale": t.learning_rate_scale,
         "encoder_lr_scale": t.encoder_lr_scale,
         "unfreeze_after": t.unfreeze_after,
-        "source_levels": len(src_blocks),
-        "target_levels": len(tgt_blocks),
-        "levels_mapped": levels,
+        "source_levels": n_src,
+        "target_levels": n_tgt,
         "n_loaded": len(loaded),
-        "loaded": loaded,
-        "skipped": skipped,
-        "shape_mismatches": mismatched,
-        "unmapped_source_levels": list(range(len(tgt_blocks), len(src_blocks))),
-        "unmapped_target_levels": list(range(len(src_blocks), len(tgt_blocks))),
+        "of": len(model.state_dict()),
+        **done,
+        "unmapped_source_levels": list(range(n_tgt, n_src)),
+        "unmapped_target_levels": list(range(n_src, n_tgt)),
     }
-    # a PReLU slope or a bias alone fits any network; a transfer is only real with kernels
-    if not any(len(e["shape"]) > 1 for e in loaded):
-        compared = min(len(src_blocks), len(tgt_blocks))
-        raise LowlabelError(
-            f"{path}: no encoder convolution fits this network ({compared} levels compared, "
-            f"{len(mismatched)} shape mismatches); pretrain with the same model.channels as "
-            "the segmentation run"
-        )
     write_json(Path(run_dir) / TRANSFER, report)
-    log.info(
-        "transfer: %d tensors loaded into levels %s", len(loaded), [lv["level"] for lv in levels]
-    )
+    log.info("transfer (%s): %d of %d tensors loaded", t.scope, len(loaded), report["of"])
     setup = Transfer(
-        t.mode, encoder, list(model.parameters()), t.encoder_lr_scale, t.unfreeze_after, report
+        t.mode,
+        encoder,
+        list(model.parameters()),
+        t.encoder_lr_scale,
+        t.unfreeze_after,
+        report,
+        t.learning_rate_scale,
     )
     if setup.frozen_at(0):
         for p in setup.encoder_parameters():
