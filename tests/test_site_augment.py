@@ -3,6 +3,10 @@ affines stay, a seeded draw repeats, and the preset changes the image."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -16,13 +20,14 @@ from monai.transforms import (
     RandCropByPosNegLabeld,
     RandFlipd,
     RandGaussianNoised,
+    RandHistogramShiftd,
     RandScaleIntensityd,
     RandShiftIntensityd,
 )
 
 from lowlabel.config import AugmentConfig, DataConfig, RunConfig, config_hash, load_config
 from lowlabel.data.transforms import (
-    RandHistogramShiftBraind,
+    KeepBackgroundd,
     augment,
     index_foreground,
     site_settings,
@@ -74,6 +79,10 @@ def test_robust_keeps_labels_grids_and_affines(nd):
         assert torch.equal(robust["image"].affine, plain["image"].affine)
         assert torch.isfinite(robust["image"].as_tensor()).all()
         changed += not torch.equal(robust["image"].as_tensor(), plain["image"].as_tensor())
+        # the background of a skull-stripped scan stays exactly zero through every stage
+        still = AugmentConfig(intensity_prob=0.0, gamma_prob=0.0, bias_field_prob=0.0)
+        warped = _draw(item, data, dataclasses.replace(still, noise_prob=0.0), seed)["image"]
+        assert (robust["image"][warped == 0] == 0).all()
     assert changed >= 4  # each stage runs on a share of patches, so a few may pass unchanged
 
 
@@ -166,8 +175,36 @@ def test_thick_slices_blurs_one_axis_only():
 
 def test_histogram_shift_keeps_the_zero_background():
     item = _item()
-    shift = RandHistogramShiftBraind("image", num_control_points=8, prob=1.0)
+    shift = KeepBackgroundd(RandHistogramShiftd("image", num_control_points=8, prob=1.0))
     shift.set_random_state(seed=1)
     out = shift(item)["image"].numpy()
     x = item["image"].numpy()
     assert (out[x == 0] == 0).all() and not np.array_equal(out, x)
+
+
+def test_scanner_like_bias_field_keeps_zero_signal_at_zero():
+    item = _item()
+    x = item["image"].as_tensor()
+    fg = x != 0
+    bias = KeepBackgroundd(RandBiasFieldd("image", prob=1.0, coeff_range=(0.5, 0.5)), positive=True)
+    bias.set_random_state(seed=0)
+    out = bias(item)["image"].as_tensor()
+    # multiplied about the brain's darkest voxel (zero signal), not about the z-scores' zero
+    assert out[fg].min() == pytest.approx(float(x[fg].min()), abs=1e-4)
+    assert (out[~fg] == 0).all() and not torch.allclose(out, x)
+    plain = RandBiasFieldd("image", prob=1.0, coeff_range=(0.5, 0.5))
+    plain.set_random_state(seed=0)
+    moved = plain(item)["image"].as_tensor()
+    assert abs(float(moved[fg].min()) - float(x[fg].min())) > 1e-2
+
+
+@pytest.mark.parametrize("nd", [3, 2])
+def test_a_robust_run_trains(tiny_config, nd):
+    from lowlabel.engine.loop import fit
+
+    extra = {"augment.site": "robust", "train.steps": 2, "data.n_test": 0}
+    if nd == 2:
+        extra.update({"data.spatial_dims": 2, "data.patch_size": [16, 16]})
+    result = fit(tiny_config.replace(**extra), progress=False, evaluate_test=False)
+    rows = (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) >= 1 and all(np.isfinite(json.loads(r)["train_loss"]) for r in rows)

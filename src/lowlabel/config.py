@@ -83,6 +83,11 @@ class AugmentConfig:
             ``robust`` (each site key left null takes the preset's value, and
             ``gamma_prob``, ``bias_field_prob`` and ``noise_prob`` are raised to at least
             0.5, 0.5 and 0.3). A site key you set yourself always wins.
+        scanner_like: the intensity stages act as on a skull-stripped scan from a scanner:
+            the zero background stays zero through every one of them (shift, gamma, bias
+            field, thick slices, low resolution, blur, noise), and the bias field multiplies
+            the intensities above the brain's darkest voxel, not the z-scores (whose zero is the
+            brain's mean); null: false, or true under ``robust``.
         gamma: the range of the random gamma; null: [0.7, 1.5], or [0.5, 2.0] under
             ``robust``.
         bias_field_coeff: the largest coefficient of the random bias field; null: 0.2, or 0.5
@@ -126,6 +131,7 @@ class AugmentConfig:
     noise_prob: float = 0.2
     noise_std: float = 0.05
     site: Literal["none", "robust"] = "none"
+    scanner_like: bool | None = None
     gamma: tuple[float, ...] | None = None
     bias_field_coeff: float | None = None
     contrast_prob: float | None = None
@@ -729,6 +735,7 @@ LATER_KEYS = (
     "loss.lambda_dice",
     "loss.lambda_ce",
     "augment.site",
+    "augment.scanner_like",
     "augment.gamma",
     "augment.bias_field_coeff",
     "augment.contrast_prob",

@@ -31,6 +31,7 @@ from monai.transforms import (
     RandGaussianNoised,
     RandGaussianSmoothd,
     RandHistogramShiftd,
+    Randomizable,
     RandomizableTransform,
     RandScaleIntensityd,
     RandShiftIntensityd,
@@ -169,45 +170,49 @@ def augment(data: DataConfig, aug: AugmentConfig) -> Compose:
                 elastic(keys, prob=aug.elastic_prob, mode=modes, padding_mode="zeros", **kwargs)
             )
         site = site_settings(aug)
+
+        def stage(transform, positive: bool = False):
+            return KeepBackgroundd(transform, positive) if site.scanner_like else transform
+
         if site.contrast_prob > 0:
             chain.append(
                 RandTissueContrastd("image", "label", site.contrast_prob, aug.contrast_shift)
             )
         chain += [
             RandScaleIntensityd("image", factors=aug.intensity_scale, prob=aug.intensity_prob),
-            RandShiftIntensityd("image", offsets=aug.intensity_shift, prob=aug.intensity_prob),
-        ]
-        if site.histogram_prob > 0:
-            chain.append(
-                RandHistogramShiftBraind(
-                    "image", num_control_points=aug.histogram_points, prob=site.histogram_prob
-                )
-            )
-        chain += [
-            RandAdjustContrastd("image", prob=site.gamma_prob, gamma=site.gamma),
-            RandBiasFieldd(
-                "image", prob=site.bias_field_prob, coeff_range=(0.0, site.bias_field_coeff)
+            stage(
+                RandShiftIntensityd("image", offsets=aug.intensity_shift, prob=aug.intensity_prob)
             ),
         ]
+        if site.histogram_prob > 0:
+            shift = RandHistogramShiftd(
+                "image", num_control_points=aug.histogram_points, prob=site.histogram_prob
+            )
+            chain.append(KeepBackgroundd(shift))  # its curve spans the zero background
+        bias = RandBiasFieldd(
+            "image", prob=site.bias_field_prob, coeff_range=(0.0, site.bias_field_coeff)
+        )
+        chain += [
+            stage(RandAdjustContrastd("image", prob=site.gamma_prob, gamma=site.gamma)),
+            stage(bias, positive=True),
+        ]
         if site.thick_slice_prob > 0:
-            chain.append(
-                RandThickSlicesd(
-                    "image", site.thick_slice_prob, aug.thick_slice_mm, data.spacing[:nd]
-                )
+            thick = RandThickSlicesd(
+                "image", site.thick_slice_prob, aug.thick_slice_mm, data.spacing[:nd]
             )
+            chain.append(stage(thick))
         if site.lowres_prob > 0:
-            chain.append(
-                RandSimulateLowResolutiond(
-                    "image",
-                    prob=site.lowres_prob,
-                    zoom_range=aug.lowres_zoom,
-                    upsample_mode="trilinear" if nd == 3 else "bilinear",
-                )
+            lowres = RandSimulateLowResolutiond(
+                "image",
+                prob=site.lowres_prob,
+                zoom_range=aug.lowres_zoom,
+                upsample_mode="trilinear" if nd == 3 else "bilinear",
             )
+            chain.append(stage(lowres))
         if site.blur_prob > 0:
             sigma = {f"sigma_{a}": tuple(aug.blur_sigma) for a in "xyz"[:nd]}
-            chain.append(RandGaussianSmoothd("image", prob=site.blur_prob, **sigma))
-        chain.append(RandGaussianNoised("image", prob=site.noise_prob, std=aug.noise_std))
+            chain.append(stage(RandGaussianSmoothd("image", prob=site.blur_prob, **sigma)))
+        chain.append(stage(RandGaussianNoised("image", prob=site.noise_prob, std=aug.noise_std)))
     return Compose(chain)
 
 
@@ -221,6 +226,7 @@ class SiteSettings:
     bias_field_prob: float
     bias_field_coeff: float
     noise_prob: float
+    scanner_like: bool
     contrast_prob: float
     histogram_prob: float
     thick_slice_prob: float
@@ -233,6 +239,7 @@ class SiteSettings:
 # like its own site's, so each stage here runs on a share of them.
 SITE_PRESETS: dict[str, dict] = {
     "none": {
+        "scanner_like": False,
         "gamma": (0.7, 1.5),
         "bias_field_coeff": 0.2,
         "contrast_prob": 0.0,
@@ -242,6 +249,7 @@ SITE_PRESETS: dict[str, dict] = {
         "blur_prob": 0.0,
     },
     "robust": {
+        "scanner_like": True,
         "gamma": (0.5, 2.0),
         "bias_field_coeff": 0.5,
         "contrast_prob": 0.5,
@@ -343,15 +351,42 @@ def tissue_contrast(
     return convert_to_dst_type(torch.from_numpy(out), image)[0]
 
 
-class RandHistogramShiftBraind(RandHistogramShiftd):
-    """MONAI's ``RandHistogramShiftd`` on the brain only: the zero background stays zero (the
-    curve spans the patch's range, in which the z-scored background's 0 lies mid-way)."""
+class KeepBackgroundd(Randomizable, MapTransform):
+    """Run an image transform on the brain only: voxels at exactly zero before it (the
+    background of a skull-stripped scan, and the padding of a warp) are zero after it.
+
+    Args:
+        transform: a dictionary transform of the ``image`` key; its random state is its own, so
+            wrapping it does not change what it draws.
+        positive: give ``transform`` the intensities above the brain's darkest voxel and shift
+            them back after, e.g. for a multiplicative bias field, which on z-scores would
+            scale them about the brain's mean rather than about zero signal.
+    """
+
+    def __init__(self, transform: MapTransform, positive: bool = False) -> None:
+        MapTransform.__init__(self, transform.keys)
+        self.transform, self.positive = transform, positive
+
+    def set_random_state(self, seed: int | None = None, state=None) -> KeepBackgroundd:
+        self.transform.set_random_state(seed=seed, state=state)
+        return self
+
+    def randomize(self, data=None) -> None:
+        """The wrapped transform draws its own parameters."""
 
     def __call__(self, data: Mapping) -> dict:
-        zero = {k: torch.as_tensor(data[k]) == 0 for k in self.key_iterator(dict(data))}
-        d = dict(super().__call__(data))
+        d = dict(data)
+        zero, low = {}, {}
+        for key in self.key_iterator(d):
+            x = torch.as_tensor(d[key])
+            zero[key] = x == 0
+            low[key] = float(x[~zero[key]].min()) if self.positive and (~zero[key]).any() else 0.0
+            if low[key]:
+                d[key] = convert_to_dst_type(x - low[key], d[key])[0]
+        d = dict(self.transform(d))
         for key, mask in zero.items():
-            d[key] = convert_to_dst_type(torch.as_tensor(d[key]).masked_fill(mask, 0.0), d[key])[0]
+            x = torch.as_tensor(d[key]) + low[key]
+            d[key] = convert_to_dst_type(x.masked_fill(mask, 0.0), d[key])[0]
         return d
 
 
