@@ -60,6 +60,7 @@ def head_volume_ml(data: np.ndarray, affine: np.ndarray) -> float:
 # of its voxels and EMPTY_FACES of the voxels on the faces of its volume, i.e. surrounds the
 # brain. Measured: IXI stripped 84-87% of voxels and 100% of the faces, malf35 70-76% and 100%;
 # IXI with skull 32-45% and 79-85%, which only its head volume (3,500-4,700 mL) tells apart.
+# All 148 stripped IXI scans and 25 malf35 scans pass; none of the 148 IXI scans with skull.
 EMPTY_SHARE = 0.2
 EMPTY_FACES = 0.5
 
@@ -75,8 +76,8 @@ def brain_region(
     enclosed in 3D filled (a zeroed voxel inside the brain is still brain). It is not cut
     to the largest connected piece: malf35 subject 1002 has 523 voxels of labelled tissue
     apart from the rest of its brain. Nor is it dilated: a voxel without signal holds no
-    tissue to measure, and on IXI the few labelled voxels at zero intensity are 5 to 14 per
-    scan of about 190,000.
+    tissue to measure: on the 148 IXI scans, the labelled tissue outside the region is at
+    most 33 voxels per scan (1,342 of 24 million in all), on the 25 malf35 scans none.
 
     Args:
         data: ``(X, Y, Z)`` intensities as read.
