@@ -98,7 +98,12 @@ SkullStripOpt = Annotated[
     str,
     typer.Option(
         "--skull-strip",
-        help="auto (extract the brain of scans that still have their skull), yes or no.",
+        help=(
+            "auto (extract the brain of scans that still have their skull), yes or no. "
+            "Whatever the choice, no tissue is labelled outside the brain: the extracted brain, "
+            "or, for a scan that was skull-stripped already (no more tissue than a brain, and "
+            "an empty background at zero around it), its voxels with signal, holes filled."
+        ),
     ),
 ]
 
@@ -619,7 +624,8 @@ def segment(
     QC snapshots and warnings in qc.html.
 
     An existing volumes.csv in the output folder keeps its rows; a scan segmented again gets its
-    row replaced.
+    row replaced. Tissue predicted outside the brain (see --skull-strip) is cleared; each scan's
+    qc/<scan>.json records how much under outside_brain.
     """
     _must_exist(model_dir, "model folder not found; give the folder 'lowlabel export' wrote")
     import os

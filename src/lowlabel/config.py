@@ -78,6 +78,43 @@ class AugmentConfig:
         bias_field_prob: probability of a smooth random bias field.
         noise_prob: probability of Gaussian noise with standard deviation ``noise_std``.
         noise_std: that noise's standard deviation (the image is z-scored).
+        site: a preset of the augmentations below that imitate other scanners (after
+            SynthSeg's randomisation): ``none`` (today's augmentation, the site keys off) or
+            ``robust`` (each site key left null takes the preset's value, and
+            ``gamma_prob``, ``bias_field_prob`` and ``noise_prob`` are raised to at least
+            0.5, 0.5 and 0.3). A site key you set yourself always wins.
+        scanner_like: the intensity stages act as on a skull-stripped scan from a scanner:
+            the zero background stays zero through every one of them (shift, gamma, bias
+            field, thick slices, low resolution, blur, noise), and the bias field multiplies
+            the intensities above the brain's darkest voxel, not the z-scores (whose zero is the
+            brain's mean); null: false, or true under ``robust``.
+        gamma: the range of the random gamma; null: [0.7, 1.5], or [0.5, 2.0] under
+            ``robust``.
+        bias_field_coeff: the largest coefficient of the random bias field; null: 0.2, or 0.5
+            under ``robust``.
+        contrast_prob: probability of a per-tissue contrast curve, drawn from the training
+            label: each tissue's mean intensity moves by up to ``contrast_shift`` (SDs of the
+            z-scored image) and one smooth monotone curve through the new means remaps the
+            patch, so CSF < GM < WM stays (at least 30% of each contrast is kept) and no label
+            edge appears in the image; null: 0, or 0.5 under ``robust``.
+        contrast_shift: that largest shift of a tissue's mean.
+        histogram_prob: probability of a random monotone intensity curve (MONAI
+            ``RandHistogramShift``, ``histogram_points`` control points; the zero background
+            stays zero); null: 0, or 0.3 under ``robust``.
+        histogram_points: those control points.
+        thick_slice_prob: probability of imitating a thicker slice: along one random axis, a
+            Gaussian slice profile as wide as a thickness drawn from ``thick_slice_mm``, a
+            sampling at that thickness and a linear return to the patch grid; null: 0, or 0.3
+            under ``robust``.
+        thick_slice_mm: that range of slice thickness (mm); thinner than the voxels does
+            nothing.
+        lowres_prob: probability of a coarser scan in every direction (MONAI
+            ``RandSimulateLowResolution``, zoom ``lowres_zoom``); null: 0, or 0.2 under
+            ``robust``.
+        lowres_zoom: that zoom range (0.5 halves the resolution).
+        blur_prob: probability of a Gaussian blur (MONAI ``RandGaussianSmooth``, sigma in
+            voxels drawn from ``blur_sigma`` per axis); null: 0, or 0.2 under ``robust``.
+        blur_sigma: that sigma range.
     """
 
     enabled: bool = True
@@ -93,6 +130,20 @@ class AugmentConfig:
     bias_field_prob: float = 0.2
     noise_prob: float = 0.2
     noise_std: float = 0.05
+    site: Literal["none", "robust"] = "none"
+    scanner_like: bool | None = None
+    gamma: tuple[float, ...] | None = None
+    bias_field_coeff: float | None = None
+    contrast_prob: float | None = None
+    contrast_shift: float = 0.5
+    histogram_prob: float | None = None
+    histogram_points: int = 8
+    thick_slice_prob: float | None = None
+    thick_slice_mm: tuple[float, ...] = (2.0, 6.0)
+    lowres_prob: float | None = None
+    lowres_zoom: tuple[float, ...] = (0.5, 1.0)
+    blur_prob: float | None = None
+    blur_sigma: tuple[float, ...] = (0.5, 1.5)
 
 
 @dataclass(frozen=True)
@@ -654,6 +705,7 @@ def validate(cfg: RunConfig) -> None:
             "config key 'loss.class_weights': give four weights >= 0 (background, CSF, GM, WM), "
             f"not all 0, or [] for equal weights; got {list(weights)}"
         )
+    _validate_augment(cfg.augment)
     tr = cfg.transfer
     if tr.mode == "scratch" and tr.init_from:
         raise LowlabelError(
@@ -677,6 +729,31 @@ def validate(cfg: RunConfig) -> None:
                 f"config key 'data.label_map': targets {bad_targets} are not 0..3 "
                 "(0 background, 1 CSF, 2 GM, 3 WM)"
             )
+
+
+def _validate_augment(a: AugmentConfig) -> None:
+    """The site augmentation's probabilities and ranges."""
+    for name in ("contrast_prob", "histogram_prob", "thick_slice_prob", "lowres_prob", "blur_prob"):
+        value = getattr(a, name)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise LowlabelError(
+                f"config key 'augment.{name}': a probability in [0, 1], got {value}"
+            )
+    for name in ("gamma", "thick_slice_mm", "lowres_zoom", "blur_sigma"):
+        value = getattr(a, name)
+        if value is not None and (len(value) != 2 or not 0 < value[0] <= value[1]):
+            raise LowlabelError(
+                f"config key 'augment.{name}': give [low, high] with 0 < low <= high, "
+                f"got {list(value)}"
+            )
+    if a.lowres_zoom[1] > 1.0:
+        raise LowlabelError("config key 'augment.lowres_zoom': zooms above 1 are not coarser")
+    if a.histogram_points < 3:
+        raise LowlabelError("config key 'augment.histogram_points': at least 3")
+    for name in ("contrast_shift", "bias_field_coeff"):
+        value = getattr(a, name)
+        if value is not None and value < 0:
+            raise LowlabelError(f"config key 'augment.{name}': must be >= 0, got {value}")
 
 
 # How a run executes, not what it computes: these keys never rename a run folder. Precision
@@ -704,6 +781,20 @@ LATER_KEYS = (
     "pretrain.unlabelled",
     "transfer.scope",
     "transfer.lr_scale",
+    "augment.site",
+    "augment.scanner_like",
+    "augment.gamma",
+    "augment.bias_field_coeff",
+    "augment.contrast_prob",
+    "augment.contrast_shift",
+    "augment.histogram_prob",
+    "augment.histogram_points",
+    "augment.thick_slice_prob",
+    "augment.thick_slice_mm",
+    "augment.lowres_prob",
+    "augment.lowres_zoom",
+    "augment.blur_prob",
+    "augment.blur_sigma",
 )
 
 # What a pretraining run does not read: its folder is hashed on the rest.

@@ -5,6 +5,8 @@ The folder follows the MONAI Bundle specification::
     configs/metadata.json    version, versions of MONAI/PyTorch/NumPy, task, network_data_format
     configs/inference.json   lowlabel's preprocessing, network and sliding-window inference,
                              all as MONAI components, ending in label maps on each scan's grid
+    scripts/brain_region.py  lowlabel's brain region rule (no tissue outside the brain of a
+                             skull-stripped scan), copied from lowlabel.skullstrip
     models/model.pt          the network's state dict (torch.save; MONAI's CheckpointLoader)
     docs/README.md           what the model does, how it was trained, how to run it
     LICENSE                  the licence the user chose for the weights
@@ -88,6 +90,8 @@ def inference_config(cfg) -> dict:
             "transforms": [
                 {"_target_": "LoadImaged", "keys": "image", "reader": "NibabelReader"},
                 {"_target_": "EnsureChannelFirstd", "keys": "image"},
+                # the scan as read, for the brain region on its own grid after inversion
+                {"_target_": "CopyItemsd", "keys": "image", "names": "native"},
                 {
                     "_target_": "Orientationd",
                     "keys": "image",
@@ -144,6 +148,14 @@ def inference_config(cfg) -> dict:
                     "to_tensor": True,
                 },
                 {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+                # as lowlabel segment: no tissue outside the brain region (scripts/, on the
+                # Python path once 'monai.bundle run' has added the bundle root)
+                {
+                    "_target_": "Lambdad",
+                    "keys": "native",
+                    "func": "$__import__('scripts.brain_region').brain_region.region_of",
+                },
+                {"_target_": "MaskIntensityd", "keys": "pred", "mask_key": "native"},
                 {
                     "_target_": "SaveImaged",
                     "keys": "pred",
@@ -177,6 +189,47 @@ def inference_config(cfg) -> dict:
         },
         "run": ["$@evaluator.run()"],
     }
+
+
+def region_script() -> str:
+    """``scripts/brain_region.py``: :func:`lowlabel.skullstrip.brain_region` and what it needs,
+    copied from lowlabel's source (so the bundle runs without lowlabel), and ``region_of``, the
+    MONAI-facing call."""
+    import inspect
+
+    from lowlabel import skullstrip
+
+    constants = "\n".join(
+        f"{name} = {getattr(skullstrip, name)!r}"
+        for name in ("SKULL_ML", "FOREGROUND", "EMPTY_SHARE", "EMPTY_FACES")
+    )
+    functions = "\n\n".join(
+        inspect.getsource(f) for f in (skullstrip.head_volume_ml, skullstrip.brain_region)
+    )
+    return f'''"""lowlabel's brain region of a scan (copied from lowlabel.skullstrip).
+
+On a skull-stripped scan, the model's tissue outside the brain region is cleared.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+{constants}
+
+
+{functions}
+
+def region_of(image):
+    """``(1, X, Y, Z)`` scan as read -> ``(1, X, Y, Z)`` mask of where tissue may be (all of
+    the scan when it does not look skull-stripped)."""
+    data = np.asarray(image[0].detach().cpu(), dtype=np.float32)
+    region = brain_region(data, np.asarray(image.affine, dtype=np.float64))
+    if region is None:
+        region = np.ones(data.shape, bool)
+    return torch.from_numpy(region[None])
+'''
 
 
 def metadata(cfg, info: dict, licence: str) -> dict:
@@ -294,7 +347,8 @@ python -m monai.bundle run --config_file configs/inference.json \\
 
 Every `*.nii` / `*.nii.gz` in `dataset_dir` gives `<name>_seg.nii.gz` in `output_dir`. The scans
 must be skull-stripped (zero outside the brain), as in training; `lowlabel segment
---skull-strip auto` does that step for you.
+--skull-strip auto` does that step for you. No tissue is labelled where a skull-stripped scan
+is empty (`scripts/brain_region.py`: the voxels that are not background, holes filled).
 
 ## Preprocessing (as in training)
 
@@ -360,6 +414,8 @@ def export_monai(
         write_json(tmp / "configs" / "metadata.json", metadata(cfg, info, licence))
         write_text(tmp / "docs" / "README.md", readme(cfg, info, licence))
         write_text(tmp / "LICENSE", licence_text)
+        write_text(tmp / "scripts" / "__init__.py", "")
+        write_text(tmp / "scripts" / "brain_region.py", region_script())
         # lowlabel's own description of the model, for provenance
         shutil.move(str(tmp / "lowlabel" / "bundle.json"), tmp / "docs" / "lowlabel_bundle.json")
         shutil.rmtree(tmp / "lowlabel")

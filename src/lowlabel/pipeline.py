@@ -27,7 +27,7 @@ from lowlabel.data.io import TISSUES, quiet_nibabel, read_nifti, write_nifti
 from lowlabel.data.size import shortfall, world_extent
 from lowlabel.data.transforms import patch_shape
 from lowlabel.errors import LowlabelError, unwrap
-from lowlabel.skullstrip import BrainExtractor, Decision, decide
+from lowlabel.skullstrip import BrainExtractor, Decision, brain_region, clear_outside, decide
 
 # Scans beyond these would not fit the 2 GB a segmentation may use (float32 input, 4-class
 # probabilities on the resampled and on the native grid).
@@ -79,6 +79,9 @@ class Prepared:
         affine: the scan's affine.
         mask: the extracted brain mask, or None when the scan was taken as given.
         decision: what ``--skull-strip`` did.
+        region: where tissue may be labelled (:func:`lowlabel.skullstrip.brain_region`): the
+            extracted mask, the voxels with signal of a scan stripped before, or None (a scan
+            with its skull segmented as given: anywhere).
     """
 
     path: Path
@@ -88,6 +91,7 @@ class Prepared:
     affine: np.ndarray
     mask: np.ndarray | None
     decision: Decision
+    region: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -191,6 +195,7 @@ def read_scan(
     raw, mask = data, None
     if not decision.stripped:
         item = unwrap(pre, {"image": str(path)})
+        region = brain_region(data, affine, decision.head_ml)
     else:
         if extractor is None:
             raise ValueError("skull stripping needs an extractor")
@@ -206,7 +211,8 @@ def read_scan(
             source = Path(tmp) / "stripped.nii"
             nib.save(nib.Nifti1Image(data, affine), str(source))
             item = unwrap(pre, {"image": str(source)})
-    return Prepared(path, item, data, raw, affine, mask, decision)
+        region = mask
+    return Prepared(path, item, data, raw, affine, mask, decision, region)
 
 
 def infer(bundle: Bundle, item: dict, tta: bool = False) -> torch.Tensor:
@@ -249,13 +255,15 @@ def write_scan(
     del probs
     labels = native.argmax(0).to(torch.uint8).numpy()
     mask = scan.mask
-    if mask is not None:
-        # no tissue outside the extracted brain: the network sees the zeroed outside as it sees
-        # the zero background of its training scans, but may still label some of it
-        outside = ~mask.reshape(labels.shape)
-        labels[outside] = 0
-        native[:, torch.from_numpy(outside)] = 0.0
-        native[0, torch.from_numpy(outside)] = 1.0
+    cleared = 0
+    if scan.region is not None:
+        # no tissue outside the brain: the network sees the empty outside as it sees the zero
+        # background of its training scans, but may still label some of it (on a larger field
+        # of view than its training scans', tens of thousands of voxels behind the cerebellum)
+        cleared = clear_outside(labels, scan.region)
+        outside = torch.from_numpy(~scan.region.reshape(labels.shape))
+        native[:, outside] = 0.0
+        native[0, outside] = 1.0
     ref = nib.load(str(scan.path))
     # the loader squeezed trailing singleton axes; the outputs keep the input's exact shape
     shape = tuple(ref.shape)
@@ -289,6 +297,11 @@ def write_scan(
         decision=scan.decision,
         model_spacing=tuple(bundle.cfg.data.spacing),
         reference=reference,
+        outside=qc_mod.outside_brain(
+            "none" if scan.region is None else "brain mask" if mask is not None else "signal",
+            cleared,
+            voxel_ml,
+        ),
     )
     record.update(qc_mod.snapshot(scan.raw, scan.affine, labels.reshape(grid), mask, outputs))
     record.update(extra or {})

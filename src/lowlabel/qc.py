@@ -10,7 +10,14 @@ brain; ``qc/<scan>_thumb.png``: the overlay row, small). ``qc.html`` lists every
 - ``contrast``: tissue contrast unlike the training scans (another sequence, or an odd scan);
 - ``volume``: a tissue volume outside the range of the training subjects (widened by half), or,
   for a bundle without that reference, a brain volume no adult has;
-- ``unsure``: many brain voxels where the model's highest class probability is low.
+- ``unsure``: many brain voxels where the model's highest class probability is low;
+- ``outside``: a share of the predicted tissue lay outside the brain region (where the scan is
+  empty, or outside the extracted brain) and was cleared.
+
+The record's ``outside_brain`` says which brain region was used (``signal``: the voxels of a
+skull-stripped scan that are not background, holes filled; ``brain mask``: the extracted brain;
+``none``: a scan with its skull segmented as given) and how many voxels of tissue were cleared
+outside it.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ UNSURE_FLAG = 0.2  # flag a scan when more than this fraction of its brain voxel
 SPACING_RATIO = 1.5  # flag voxels this many times coarser or finer than the model's
 VOLUME_MARGIN = 0.5  # widen the training subjects' volume range by this fraction each way
 CONTRAST_RATIO = 0.5  # flag a tissue contrast under half (or over twice) the training one
+OUTSIDE_FLAG = 0.01  # flag a scan when more than this share of its predicted tissue was cleared
 BRAIN_ML = (500.0, 2100.0)  # GM + WM outside this is no adult brain (bundles without a reference)
 COLOURS = {1: (0.23, 0.51, 0.96), 2: (0.96, 0.62, 0.04), 3: (0.06, 0.73, 0.51)}  # CSF GM WM
 
@@ -100,6 +108,16 @@ def _flag(code: str, message: str) -> dict:
     return {"code": code, "message": message}
 
 
+def outside_brain(region: str, cleared: int, voxel_ml: float) -> dict:
+    """The QC record's ``outside_brain``: the brain region used (``signal``, ``brain mask`` or
+    ``none``) and the voxels (and mL) of predicted tissue cleared outside it."""
+    return {
+        "region": region,
+        "cleared_voxels": int(cleared),
+        "cleared_ml": round(cleared * voxel_ml, 3),
+    }
+
+
 def assess(
     data: np.ndarray,
     affine: np.ndarray,
@@ -110,6 +128,7 @@ def assess(
     decision,
     model_spacing: tuple[float, ...],
     reference: dict | None,
+    outside: dict | None = None,
 ) -> dict:
     """The QC numbers and warnings of one segmented scan.
 
@@ -121,6 +140,7 @@ def assess(
         decision: the :class:`lowlabel.skullstrip.Decision` taken for it.
         model_spacing: the model's voxel size (mm).
         reference: the bundle's ``qc_reference``, or None for an older bundle.
+        outside: :func:`outside_brain` of the scan, recorded as ``outside_brain``.
     """
     zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
     brain = labels > 0
@@ -193,7 +213,24 @@ def assess(
                 f"{100 * unsure:.0f}% of brain voxels",
             )
         )
-    return {
+    if outside is not None and outside["cleared_ml"] > 0:
+        total = outside["cleared_ml"] + row["csf_ml"] + row["total_brain_ml"]
+        share = outside["cleared_ml"] / total
+        if share > OUTSIDE_FLAG:
+            where = (
+                "outside the extracted brain"
+                if outside["region"] == "brain mask"
+                else ("where the scan is empty")
+            )
+            flags.append(
+                _flag(
+                    "outside",
+                    f"{outside['cleared_ml']:,.1f} mL labelled as tissue {where} was cleared "
+                    f"({100 * share:.0f}% of the tissue): check the segmentation at the brain's "
+                    "edge",
+                )
+            )
+    record = {
         "scan": row["scan"],
         "volumes_ml": {k: round(v, 1) for k, v in volumes.items()},
         "unsure_fraction": round(unsure, 4),
@@ -204,6 +241,9 @@ def assess(
         "flags": flags,
         "out_of_range": out_of_range,
     }
+    if outside is not None:
+        record["outside_brain"] = outside
+    return record
 
 
 def _ras(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -344,6 +384,7 @@ FLAG_NAMES = {
     "contrast": "contrast",
     "volume": "volume",
     "unsure": "unsure",
+    "outside": "outside brain",
 }
 
 _CSS = """

@@ -102,6 +102,9 @@ def segment(
             is otherwise idle (on the CPU the three would compete for the same cores).
         skull_strip: ``auto`` (extract the brain of scans that look unstripped), ``yes`` or
             ``no``; masks go to ``<name>_brainmask.nii.gz`` (see :mod:`lowlabel.skullstrip`).
+            Whatever the mode, no tissue is labelled outside the brain region
+            (:func:`lowlabel.skullstrip.brain_region`); ``qc/<name>.json`` records what was
+            cleared (``outside_brain``).
         qc: write ``qc/`` (snapshots, per-scan QC records) and ``qc.html`` (see :mod:`lowlabel.qc`).
         tta: test-time augmentation by flips: 4 (2D) or 8 (3D) times the network's work.
 

@@ -5,6 +5,10 @@ scanner wrote them. ``--skull-strip`` decides what happens: ``no`` segments the 
 ``yes`` always extracts the brain first, ``auto`` does so when :func:`looks_unstripped` says the
 scan still has its skull.
 
+Whatever the mode, no tissue is labelled outside the brain region (:func:`brain_region`): the
+extracted brain mask when the brain was extracted, else, for a scan that was skull-stripped
+before it came here, the voxels that hold signal.
+
 Extraction uses deepbet (MIT; Fisch et al. 2024), chosen by measurement over brainextractor (a
 Python port of FSL BET): on IXI scans deepbet's masks reach Dice 0.981 against the reference
 intracranial masks (99 scans, lowest 0.966), brainextractor's 0.885 (3 scans), and deepbet is the
@@ -49,6 +53,66 @@ def head_volume_ml(data: np.ndarray, affine: np.ndarray) -> float:
     top = float(np.percentile(positive, 99))
     voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
     return float((data > FOREGROUND * top).sum()) * voxel_ml
+
+
+# A scan was skull-stripped before it came here when it has no more tissue than a brain (at most
+# SKULL_ML) and one background value (0, or else the scan's minimum) fills at least EMPTY_SHARE
+# of its voxels and EMPTY_FACES of the voxels on the faces of its volume, i.e. surrounds the
+# brain. Measured: IXI stripped 84-87% of voxels and 100% of the faces, malf35 70-76% and 100%;
+# IXI with skull 32-45% and 79-85%, which only its head volume (3,500-4,700 mL) tells apart.
+# All 148 stripped IXI scans and 25 malf35 scans pass; none of the 148 IXI scans with skull.
+EMPTY_SHARE = 0.2
+EMPTY_FACES = 0.5
+
+
+def brain_region(
+    data: np.ndarray, affine: np.ndarray, head_ml: float | None = None
+) -> np.ndarray | None:
+    """Where a skull-stripped scan has its brain, from the image alone; None for a scan that
+    does not look skull-stripped.
+
+    The region is every voxel that is not background (see ``EMPTY_SHARE`` above for the
+    rule that the scan is stripped and what its background value is), with the holes
+    enclosed in 3D filled (a zeroed voxel inside the brain is still brain). It is not cut
+    to the largest connected piece: malf35 subject 1002 has 523 voxels of labelled tissue
+    apart from the rest of its brain. Nor is it dilated: a voxel without signal holds no
+    tissue to measure: on the 148 IXI scans, the labelled tissue outside the region is at
+    most 33 voxels per scan (1,342 of 24 million in all), on the 25 malf35 scans none.
+
+    Args:
+        data: ``(X, Y, Z)`` intensities as read.
+        affine: the scan's voxel-to-world affine.
+        head_ml: :func:`head_volume_ml` of the scan, if already known.
+
+    Returns:
+        ``(X, Y, Z)`` bool, or None.
+    """
+    from scipy import ndimage
+
+    if head_ml is None:
+        head_ml = head_volume_ml(data, affine)
+    if head_ml > SKULL_ML or data.size == 0:
+        return None
+    zero, lowest = data == 0, data == data.min()
+    empty = zero if zero.mean() >= lowest.mean() else lowest
+    if empty.mean() < EMPTY_SHARE:
+        return None
+    faces = [np.take(empty, i, axis=a).ravel() for a in range(empty.ndim) for i in (0, -1)]
+    if np.concatenate(faces).mean() < EMPTY_FACES:
+        return None
+    return ndimage.binary_fill_holes(~empty)
+
+
+def clear_outside(labels: np.ndarray, region: np.ndarray) -> int:
+    """Set ``labels`` to background outside ``region`` (same shape), in place.
+
+    Returns:
+        How many voxels held tissue there.
+    """
+    outside = ~region.reshape(labels.shape)
+    cleared = int(np.count_nonzero(labels[outside]))
+    labels[outside] = 0
+    return cleared
 
 
 def looks_unstripped(data: np.ndarray, affine: np.ndarray) -> bool:

@@ -2,7 +2,8 @@
 
 Class probabilities are taken back through the inverse of the preprocessing (MONAI ``Invertd``)
 onto each scan's own grid, then argmax-ed, and compared there with the label as stored: no metric
-is computed on resampled labels.
+is computed on resampled labels. As ``lowlabel segment`` does, no tissue is kept outside the
+brain region of a skull-stripped scan (:func:`lowlabel.skullstrip.brain_region`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from lowlabel.data.transforms import preprocess
 from lowlabel.engine.inference import predict_logits
 from lowlabel.errors import unwrap
 from lowlabel.run_folder import EVALUATION, EVALUATION_CSV, OVERLAY
+from lowlabel.skullstrip import brain_region, clear_outside
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,9 @@ def evaluate(
 
     Writes ``evaluation.csv`` (one row per subject) and ``evaluation.json`` (means and SDs) into
     ``out_dir`` when given. ``tta``: test-time augmentation by flips
-    (:func:`lowlabel.engine.inference.predict_logits`).
+    (:func:`lowlabel.engine.inference.predict_logits`). Tissue predicted outside the brain
+    region of a skull-stripped scan is cleared, as ``lowlabel segment`` clears it; each row's
+    ``outside_cleared_ml`` says how much.
 
     Returns:
         ``{"subjects": [rows], "summary": {metric: mean}}``.
@@ -111,11 +115,15 @@ def evaluate(
         test_loss = float(loss_fn(logits[None], item["label"][None].as_tensor()))
         probs = torch.softmax(logits, 0)
         native = to_native(probs, item["image"], pre)
-        pred = native.argmax(0)
+        pred = native.argmax(0).numpy()
         label, affine = read_nifti(subject["label"], kind="label")
         label = torch.from_numpy(remap_labels(label, cfg.data.label_map, subject["label"]))
+        region = brain_region(*read_nifti(subject["image"]))
+        cleared = 0 if region is None else clear_outside(pred, region)
         row = {"id": subject["id"], "test_loss": test_loss}
-        row.update(segment_metrics(pred, label, spacing_of(affine)))
+        spacing = spacing_of(affine)
+        row.update(segment_metrics(torch.from_numpy(pred), label, spacing))
+        row["outside_cleared_ml"] = cleared * float(np.prod(spacing)) / 1000.0
         rows.append(row)
     summary = summarise(rows)
     if out_dir is not None:
