@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_tiny_dataset, tiny_overrides
-from helpers import cli
+from helpers import assert_same_run, cli, crash_at_second_validation, metric_rows
 
 from lowlabel.config import load_config
 from lowlabel.errors import LowlabelError
@@ -85,6 +85,90 @@ def test_scope_encoder_from_a_bundle_loads_the_encoder_only(source, tmp_path):
     prepare(model, cfg, tmp_path)
     report = json.loads((tmp_path / "transfer.json").read_text())
     assert report["scope"] == "encoder" and 0 < report["n_loaded"] < report["of"]
+
+    # only a whole trained network is a candidate before training: no step-0 validation here
+    from lowlabel.engine.loop import fit
+
+    result = fit(cfg, progress=False, evaluate_test=False)
+    assert [r["step"] for r in metric_rows(Path(result.run_dir))] == [2, 4]
+
+
+def test_a_run_from_scratch_validates_first_after_val_every_steps(source):
+    rows = metric_rows(source["run_dir"])
+    assert [r["step"] for r in rows] == [2, 4]
+    assert all(isinstance(r["train_loss"], float) for r in rows)
+
+
+def test_scope_all_validates_the_starting_model_at_step_0(source, tmp_path):
+    from lowlabel.bundle import load
+    from lowlabel.data.cohort import load_cohort
+    from lowlabel.engine.loop import fit
+    from lowlabel.engine.objectives import validate
+
+    cfg = _cfg(source, tmp_path / "runs", **{"transfer.scope": "all"})
+    result = fit(cfg, progress=False, evaluate_test=False)
+    rows = metric_rows(Path(result.run_dir))
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    first = rows[0]
+    assert first["train_loss"] is None and first["best"] is True
+    # the row is the source model's own validation score on this run's validation set
+    expected = validate(load(source["bundle"]).model, load_cohort(cfg, False).val_items, cfg)
+    assert {k: first[k] for k in expected} == expected
+    assert result.best_val_dice >= first["val_dice"]
+
+
+def test_when_fine_tuning_only_hurts_the_starting_model_is_kept(
+    source, tmp_path, monkeypatch, capsys
+):
+    from lowlabel import checkpoint
+    from lowlabel.bundle import load
+
+    # a learning rate this high wrecks the network at its first update
+    ruin = {"train.lr": 10.0, "transfer.lr_scale": 1.0, "train.steps": 8, "train.patience": 2}
+    overrides = tiny_overrides(source["site_b"], tmp_path / "runs", **ruin)
+    sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    args = ["train", *sets, "--init-from", source["bundle"], "--scope", "all", "-q"]
+    code, out, err = cli(args, monkeypatch, capsys)
+    assert code == 0, err
+    run = Path(out.split()[1].rstrip(":"))
+    result = json.loads((run / "result.json").read_text())
+    rows = metric_rows(run)
+    assert [r["step"] for r in rows] == [0, 2, 4]  # patience 2 counts from step 0
+    assert [r["best"] for r in rows] == [True, False, False]
+    assert result["best_step"] == 0 and result["steps"] == 4 and result["stopped_early"]
+    assert result["best_val_dice"] == rows[0]["val_dice"]
+    assert f"4 steps (best 0: the starting model), val Dice {rows[0]['val_dice']:.3f}" in out
+
+    tensors, meta = checkpoint.load(run / "best.safetensors")
+    best, theirs = checkpoint.split(tensors, "model"), load(source["bundle"]).model.state_dict()
+    assert best.keys() == theirs.keys() and meta["step"] == 0
+    assert all(torch.equal(best[k], theirs[k]) for k in best)
+
+
+def test_a_resumed_adaptation_does_not_validate_step_0_again(source, tmp_path, monkeypatch):
+    from lowlabel import checkpoint
+    from lowlabel.config import run_dir
+    from lowlabel.engine import objectives
+    from lowlabel.engine.loop import fit
+
+    cfg = _cfg(source, tmp_path / "ref", **{"transfer.scope": "all"})
+    reference = fit(cfg, progress=False)
+    cfg = cfg.replace(out=str(tmp_path / "crashed"))
+    crash_at_second_validation(cfg, monkeypatch)  # after step 0's, in step 2's
+    out = run_dir(cfg)
+    assert checkpoint.read_meta(out / "last.safetensors")["state"]["step"] == 0
+    assert [r["step"] for r in metric_rows(out)] == [0]
+
+    real, seen = objectives.validate, []
+
+    def counted(model, items, c):
+        seen.append(1)
+        return real(model, items, c)
+
+    monkeypatch.setattr(objectives, "validate", counted)
+    fit(cfg, resume=True, progress=False)
+    assert len(seen) == 2  # steps 2 and 4 only
+    assert_same_run(Path(reference.run_dir), out)
 
 
 def test_provenance_of_an_adapted_bundle_has_both_origins(source, tmp_path):

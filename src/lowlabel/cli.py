@@ -198,10 +198,10 @@ def _say_if_demo(cfg) -> None:
 
 def _print_result(result) -> None:
     test = result.test
-    line = (
-        f"run {result.run_dir}: {result.steps} steps (best {result.best_step}), "
-        f"val Dice {result.best_val_dice:.3f}"
-    )
+    # best step 0 only happens from a whole trained network that fine-tuning never beat
+    best = "0: the starting model" if result.best_step == 0 else result.best_step
+    line = f"run {result.run_dir}: {result.steps} steps (best {best}), "
+    line += f"val Dice {result.best_val_dice:.3f}"
     if test:
         line += (
             f"; test Dice {test['mean_dice']:.3f} (CSF {test['dice_csf']:.3f}, "

@@ -138,7 +138,9 @@ def train_steps(
 ) -> dict:
     """Run optimizer updates ``state["step"] + 1 .. steps`` (default ``train.steps``), validating
     every ``train.val_every`` steps and at the end, until the objective or the wall-clock budget
-    (``train.max_minutes``, with ``schedule``) stops the run.
+    (``train.max_minutes``, with ``schedule``) stops the run. When the objective asks
+    (:meth:`~lowlabel.engine.objectives.Objective.validates_first`), the starting weights are
+    validated at step 0 first, like any later validation.
 
     With ``schedule`` the learning rate follows :func:`set_learning_rate`. Returns the time spent
     waiting for batches and in steps (``data``, ``steps``, ``n``).
@@ -158,6 +160,10 @@ def train_steps(
     )
     tick = ready = time.perf_counter()
     timing = {"data": 0.0, "steps": 0.0, "n": 0}  # time waiting for batches, and in steps
+    saved = (objective.model, optimizer, state, objective.modules)
+    if objective.validates_first(state):  # a trained network competes with its fine-tuning
+        tick = ready = validation(objective, folder, state, tick, bar)
+        folder.save_state(objective.kind, cfg, *saved)  # so a resumed run does not redo it
     running = not state.get("stopped") and state["step"] < steps
     for batch in loader if running else []:
         batch = rt.to_device(batch)
@@ -181,26 +187,42 @@ def train_steps(
         )
         validated = step % cfg.train.val_every == 0 or step == steps or out_of_time
         if validated:
-            row = {"step": step, "train_loss": float(np.mean(state["losses"]))}
-            row.update(objective.validate())
-            state["train_seconds"] += time.perf_counter() - tick
-            tick = time.perf_counter()
-            row["seconds"] = round(state["train_seconds"], 3)
-            state["losses"] = []
-            if objective.judge(row, state) or out_of_time:
-                state["stopped"] = True
-            folder.append_metrics(row)
-            bar.set_postfix(objective.postfix(row, state))
+            tick = validation(objective, folder, state, tick, bar, out_of_time)
         kept = objective.keep(step, state)
         if validated or kept or (every and step % every == 0):
-            args = (objective.model, optimizer, state, objective.modules)
-            folder.save_state(objective.kind, cfg, *args)
+            folder.save_state(objective.kind, cfg, *saved)
         if state.get("stopped"):
             log.info("early stop at step %d (best %s)", step, state.get("best_step"))
             break
         ready = time.perf_counter()
     bar.close()
     return timing
+
+
+def validation(
+    objective: Objective,
+    folder: RunFolder,
+    state: dict,
+    tick: float,
+    bar: tqdm,
+    out_of_time: bool = False,
+) -> float:
+    """Validate at ``state["step"]``: the row goes to ``metrics.jsonl``, the objective keeps what
+    it earned and may stop the run (as does ``out_of_time``). The row's ``train_loss`` is the mean
+    since the last validation (null at step 0, before any update). Returns the new ``tick``: the
+    time since the last one counts as training time."""
+    losses = state["losses"]
+    row = {"step": state["step"], "train_loss": float(np.mean(losses)) if losses else None}
+    row.update(objective.validate())
+    state["train_seconds"] += time.perf_counter() - tick
+    tick = time.perf_counter()
+    row["seconds"] = round(state["train_seconds"], 3)
+    state["losses"] = []
+    if objective.judge(row, state) or out_of_time:
+        state["stopped"] = True
+    folder.append_metrics(row)
+    bar.set_postfix(objective.postfix(row, state))
+    return tick
 
 
 def say(line: str, progress: bool) -> None:

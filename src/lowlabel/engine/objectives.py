@@ -44,6 +44,11 @@ def validate(model: nn.Module, items: list[dict], cfg: RunConfig) -> dict:
     }
 
 
+def loss_text(row: dict) -> str:
+    """A metrics row's ``train_loss`` for the progress bar (none at step 0: no update yet)."""
+    return "-" if row["train_loss"] is None else f"{row['train_loss']:.3f}"
+
+
 class SegmentationLoss(nn.Module):
     """Dice + cross-entropy as ``cfg.loss`` says, over every head of a deeply supervised network.
 
@@ -111,6 +116,10 @@ class Objective:
     def validate(self) -> dict:
         raise NotImplementedError
 
+    def validates_first(self, state: dict) -> bool:
+        """Whether the loop validates the starting weights, at step 0, before any update."""
+        return False
+
     def judge(self, row: dict, state: dict) -> bool:
         """Keep what a validation earned (``row`` is its metrics line); True stops the run."""
         return False
@@ -120,7 +129,7 @@ class Objective:
         return False
 
     def postfix(self, row: dict, state: dict) -> dict:
-        return {"loss": f"{row['train_loss']:.3f}"}
+        return {"loss": loss_text(row)}
 
 
 class Supervised(Objective):
@@ -157,6 +166,13 @@ class Supervised(Objective):
             logits = self.net(image)
         return self.loss_fn(logits.float(), label)
 
+    def validates_first(self, state: dict) -> bool:
+        """A whole trained network (``transfer.scope: all``) is validated at step 0, so it can be
+        the best checkpoint itself when fine-tuning only makes it worse, and ``metrics.jsonl``
+        starts where it starts. Not again when a resumed run's state holds that validation."""
+        whole = self.setup is not None and self.cfg.transfer.scope == "all"
+        return whole and state["step"] == 0 and state["best_metric"] < 0
+
     def validate(self) -> dict:
         scores = {
             name: validate(net, self.val_items, self.cfg) for name, net in self.judged.items()
@@ -182,7 +198,7 @@ class Supervised(Objective):
 
     def postfix(self, row: dict, state: dict) -> dict:
         best = f"{state['best_metric']:.3f}"
-        return {"loss": f"{row['train_loss']:.3f}", "val": f"{row['val_dice']:.3f}", "best": best}
+        return {"loss": loss_text(row), "val": f"{row['val_dice']:.3f}", "best": best}
 
 
 class MeanTeacherObjective(Supervised):
