@@ -80,6 +80,9 @@ def test_one_seed_report_says_it_decides_nothing_and_names_a_profile_that_does(o
     row = next(line for line in md.splitlines() if line.startswith("| patience 2 vs 5 |"))
     assert "| identical |" in row
     assert "Multiple comparisons" in md
+    # every constructed run ends at its best step: each claim on them says so
+    row = next(line for line in md.splitlines() if line.startswith("| residual units help |"))
+    assert row.endswith("⚠ 2 of 2 runs still improving at their last step (not converged) |")
     # the original's step counts appear only where the original is described
     for line in md.splitlines():
         if line.startswith("## Table 2a"):

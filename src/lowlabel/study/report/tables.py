@@ -223,20 +223,37 @@ def pretrain_table(plan: dict, runs: list[Run], name: str) -> Table:
     return Table(name, spec.get("title", name), header, rows, note)
 
 
+def side_runs(comp: dict, key: str, runs: list[Run]) -> list[Run]:
+    """The finished runs on side ``key`` (``a`` or ``b``) of a comparison."""
+    table = str(comp["table"])
+    want = {k: str(v) for k, v in comp[key].items()}
+    return [
+        r
+        for r in runs
+        if table in r.labels
+        and r.result is not None
+        and all(r.labels[table].get(k) == v for k, v in want.items())
+    ]
+
+
+def unconverged_words(comp: dict, runs: list[Run]) -> str:
+    """A warning when runs on either side of a comparison were still improving at their last
+    step (their difference is one of under-trained networks), else ``""``."""
+    both = side_runs(comp, "a", runs) + side_runs(comp, "b", runs)
+    flagged = sum(not_converged(r) for r in both)
+    if not flagged:
+        return ""
+    return f"⚠ {flagged} of {len(both)} runs still improving at their last step (not converged)"
+
+
 def comparisons(plan: dict, runs: list[Run]) -> list[Difference]:
     out = []
     for comp in plan.get("comparisons", []):
-        table, metric = str(comp["table"]), comp.get("metric", "mean_dice")
-        side = {}
-        for key in ("a", "b"):
-            want = {k: str(v) for k, v in comp[key].items()}
-            side[key] = {
-                str(r.seed): r.value(metric)
-                for r in runs
-                if table in r.labels
-                and r.result is not None
-                and all(r.labels[table].get(k) == v for k, v in want.items())
-            }
+        metric = comp.get("metric", "mean_dice")
+        side = {
+            key: {str(r.seed): r.value(metric) for r in side_runs(comp, key, runs)}
+            for key in ("a", "b")
+        }
         out.append(
             paired(comp.get("name", f"{comp['a']} vs {comp['b']}"), metric, side["a"], side["b"])
         )
@@ -342,9 +359,17 @@ def claims_table(plan: dict, runs: list[Run], diffs: list[Difference]) -> Table:
     rows = []
     claimed = [(c, d) for c, d in zip(specs, diffs, strict=True) if c.get("claim")]
     for comp, diff in claimed:
-        rows.append((str(comp["claim"]), diff, comp.get("expect", "higher")))
-    rows += pretrain_claims(plan, runs)
-    rows += [(NOT_CLAIMED, d, "") for c, d in zip(specs, diffs, strict=True) if not c.get("claim")]
+        rows.append((str(comp["claim"]), diff, comp.get("expect", "higher"), comp))
+    rows += [(*row, None) for row in pretrain_claims(plan, runs)]
+    rows += [
+        (NOT_CLAIMED, d, "", c) for c, d in zip(specs, diffs, strict=True) if not c.get("claim")
+    ]
+
+    def words(diff: Difference, expect: str, comp: dict | None) -> str:
+        text = answer(diff, expect) if expect else diff.verdict
+        warn = unconverged_words(comp, runs) if comp else ""
+        return f"{text}; {warn}" if warn else text
+
     return Table(
         "claims",
         "The original study's claims, answered",
@@ -355,13 +380,15 @@ def claims_table(plan: dict, runs: list[Run], diffs: list[Difference]) -> Table:
                 f"{d.name} ({d.metric})",
                 diff_text(d),
                 d.decision,
-                answer(d, expect) if expect else d.verdict,
+                words(d, expect, comp),
             ]
-            for claim, d, expect in rows
+            for claim, d, expect, comp in rows
         ],
         "The original's figures are single runs on other data; lowlabel's are paired differences "
         "over seeds on this study's data. Decision: holds (95% CI excludes 0), equivalent (CI "
-        "inside ±0.01), undecided (neither), identical (nothing differed), too few seeds.",
+        "inside ±0.01), undecided (neither), identical (nothing differed), too few seeds. ⚠: runs "
+        "whose best validation came at their last step, still improving when their step budget "
+        "ran out, so the difference is between networks that had not finished learning.",
     )
 
 
