@@ -73,14 +73,15 @@ def reconstruction_figure(
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if r == 0:
-                    ax.set_title(f"{view}\n{kind}", fontsize=10)
-        axes[r, 0].set_ylabel(label, fontsize=10)
+                    ax.set_title(f"{view}\n{kind}", fontsize=13)
+        axes[r, 0].set_ylabel(label, fontsize=13)
     if title:
-        fig.suptitle(title, fontsize=11)
+        fig.suptitle(title, fontsize=15)
     fig.tight_layout(rect=(0, 0, 0.94, 1))
     if err_image is not None:
         bar = fig.colorbar(err_image, ax=axes.ravel().tolist(), fraction=0.015, pad=0.01)
-        bar.set_label("reconstruction - target (intensity)", fontsize=9)
+        bar.set_label("error: reconstruction - target (intensity)", fontsize=12)
+        bar.ax.tick_params(labelsize=11)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)

@@ -12,8 +12,8 @@ A paired difference gets one of these decisions:
 - ``equivalent``: its 95% CI lies inside ``±margin`` (0.01 by default): any difference is too
   small to matter (two one-sided tests at 2.5% each);
 - ``undecided``: neither; more seeds (or less noisy runs) would be needed;
-- ``identical``: every pair of runs gave the same value, so there is nothing to estimate
-  (for instance patience arms where no run stopped early);
+- ``identical``: every pair of runs gave exactly the same value (one pair is enough), so there
+  is nothing to estimate (for instance patience arms where no run stopped early);
 - ``too few seeds``: fewer than :data:`MIN_SEEDS` pairs, where a t interval is too wide to
   decide anything (with 2 pairs its half-width is 12.7 standard errors).
 """
@@ -129,7 +129,7 @@ class Difference:
     def decision(self) -> str:
         """One of :data:`DECISIONS` (see the module docstring)."""
         d = self.diff
-        if d.n >= 2 and d.sd == 0 and d.mean == 0:
+        if d.n >= 1 and d.mean == 0 and (d.n == 1 or d.sd == 0):  # exactly equal runs
             return "identical"
         if d.n < MIN_SEEDS:
             return "too few seeds"
@@ -160,9 +160,14 @@ class Difference:
         if d.n == 0:
             return "no paired runs yet: nothing to compare"
         if decision == "identical":
+            pairs = "the one pair" if d.n == 1 else f"every one of the {d.n} pairs"
             return (
-                f"identical: every one of the {d.n} pairs gave the same value (the runs did "
-                "not differ), so there is nothing to estimate"
+                f"identical: {pairs} gave the same value (the runs did not differ), so there "
+                "is nothing to estimate"
+            )
+        if decision == "too few seeds" and d.n == 1:
+            return (
+                f"too few seeds: one seed decides nothing ({d.mean:+.3f} between two single runs)"
             )
         if decision == "too few seeds":
             return (

@@ -14,7 +14,7 @@ from lowlabel.errors import LowlabelError
 from lowlabel.run_folder import OVERLAY
 from lowlabel.study.report.runs import PRETRAIN_COLUMNS, Run
 from lowlabel.study.report.tables import table_cells
-from lowlabel.study.stats import summarize
+from lowlabel.study.stats import MIN_SEEDS, summarize
 
 log = logging.getLogger(__name__)
 
@@ -111,36 +111,64 @@ def pretrain_curves(runs: list[Run], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def dice_vs_labels(plan: dict, runs: list[Run], name: str, path: Path) -> Path | None:
-    """Mean test Dice against labelled subjects for one table's cells (same step budget and
-    network, so the points differ only in labels), mean and 95% CI over seeds."""
-    by_n: dict[int, list[float]] = defaultdict(list)
-    for _, group in table_cells(plan, runs, name):
+def dice_series(
+    plan: dict, runs: list[Run], name: str
+) -> tuple[dict[str, dict[int, list[float]]], dict[int, str]]:
+    """The lines of :func:`dice_vs_labels`: one per step budget and row of the table's other
+    axes (named as in the table, with the step budget where it tells lines apart), each
+    ``{labelled subjects: [test mean Dice per seed]}``; and the x tick labels, the table's
+    budget names (``all (10)``)."""
+    axes = plan["tables"][name].get("axes") or []
+    by_key: dict[tuple[str, int], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    ticks: dict[int, str] = {}
+    for labels, group in table_cells(plan, runs, name):
         for run in group:
             if run.result is None or not run.result.get("test"):
                 continue
-            by_n[int(run.result["n_labelled"])].append(run.value("mean_dice"))
-    if not by_n:
+            n = int(run.result["n_labelled"])
+            steps = int(run.config.get("train", {}).get("steps", 0))
+            others = ", ".join(labels[a] for a in axes if a != "budget")
+            by_key[(others, steps)][n].append(run.value("mean_dice"))
+            level = labels.get("budget", str(n))
+            ticks[n] = level if level == str(n) else f"{level} ({n})"
+    budgets = {steps for _, steps in by_key}
+    series = {}
+    for (others, steps), line in sorted(by_key.items()):
+        words = [others] if others else []
+        if len(budgets) > 1 or not others:
+            words.append(f"{steps} steps")
+        series[", ".join(words)] = {n: line[n] for n in sorted(line)}
+    return series, ticks
+
+
+def dice_vs_labels(plan: dict, runs: list[Run], name: str, path: Path) -> Path | None:
+    """Test mean Dice against labelled subjects for one table's cells, one line per
+    :func:`dice_series` line, so a line never mixes runs that differ in anything but labels;
+    mean and 95% CI over seeds (from three seeds), grey dots the seeds."""
+    series, ticks = dice_series(plan, runs, name)
+    if not series:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    ns = sorted(by_n)
-    s = [summarize(by_n[n], bounds=(0.0, 1.0)) for n in ns]
-    lo = [x.mean - x.ci_low if x.n > 1 else 0 for x in s]
-    hi = [x.ci_high - x.mean if x.n > 1 else 0 for x in s]
-    ax.errorbar(
-        ns, [x.mean for x in s], yerr=[lo, hi], marker="o", capsize=3, label=f"table {name}"
-    )
-    for n in ns:
-        ax.plot([n] * len(by_n[n]), by_n[n], ".", color="grey", alpha=0.6)
+    seeds = max(len(v) for line in series.values() for v in line.values())
+    for label, line in series.items():
+        ns = list(line)
+        s = [summarize(line[n], bounds=(0.0, 1.0)) for n in ns]
+        lo = [x.mean - x.ci_low if x.n >= MIN_SEEDS else 0 for x in s]
+        hi = [x.ci_high - x.mean if x.n >= MIN_SEEDS else 0 for x in s]
+        ax.errorbar(ns, [x.mean for x in s], yerr=[lo, hi], marker="o", capsize=3, label=label)
+        if seeds > 1:
+            for n in ns:
+                ax.plot([n] * len(line[n]), line[n], ".", color="grey", alpha=0.6)
+    spread = "one run per point (one seed)" if seeds <= 1 else "mean, 95% CI over seeds"
     ax.set(
-        xlabel="labelled training subjects",
-        ylabel="test mean Dice (95% CI over seeds)",
-        title=f"Dice against the number of labelled subjects (table {name}; dots: seeds)",
+        xlabel="labelled training subjects (table's budget)",
+        ylabel=f"test mean Dice ({spread})",
+        title=f"Table {name}: test mean Dice against labelled subjects",
     )
-    ax.set_xticks(ns)
+    ax.set_xticks(sorted(ticks), [ticks[n] for n in sorted(ticks)])
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, title=f"table {name}", title_fontsize=7)
     return _save(fig, path)
 
 
@@ -164,8 +192,9 @@ TISSUES = (("CSF", (0.2, 0.5, 1.0)), ("GM", (0.2, 0.85, 0.3)), ("WM", (1.0, 0.85
 
 
 def overlays(plan: dict, runs: list[Run], name: str, path: Path) -> Path | None:
-    """Test-slice segmentations of a table's cells (first seed): one row per axial slice; the
-    image, the reference and each cell's prediction, reference and predictions drawn alike."""
+    """Test-slice segmentations of a table's cells (first seed): one column per axial slice,
+    one row each for the image, the reference and each cell's prediction (reference and
+    predictions drawn alike), wrapped into two blocks side by side for more than six rows."""
     shown = []
     for labels, group in table_cells(plan, runs, name):
         done = [r for r in group if r.result is not None and r.folder is not None]
@@ -186,50 +215,59 @@ def overlays(plan: dict, runs: list[Run], name: str, path: Path) -> Path | None:
     cmap = ListedColormap([(0, 0, 0, 0)] + [(*c, 0.55) for _, c in TISSUES])
     first = shown[0][2]
     n_slices = min(d["image"].shape[0] for _, _, d in shown)
-    panels = [("image", None, first), ("reference label", "label", first)]
+    panels = [("image", None, first), ("reference", "label", first)]
     panels += [
         (f"{label}\ntest Dice {run.value('mean_dice'):.3f}", "pred", data)
         for label, run, data in shown
     ]
-    cols = len(panels)
+    # one row per panel, one column per slice; many panels wrap into two side-by-side blocks,
+    # so titles stay readable at the page's width
+    blocks = 1 if len(panels) <= 6 else 2
+    per_block = -(-len(panels) // blocks)
     fig, axes = plt.subplots(
-        n_slices, cols, figsize=(1.9 * cols, 2.0 * n_slices + 0.9), squeeze=False
+        per_block,
+        blocks * n_slices,
+        figsize=(blocks * (1.6 * n_slices + 0.7), 1.9 * per_block + 1.1),
+        squeeze=False,
     )
+    for ax in axes.ravel():
+        ax.set_axis_off()
     slices = first.get("slices")
-    for row in range(n_slices):
-        for col, (title, key, data) in enumerate(panels):
-            ax = axes[row, col]
-            ax.set_axis_off()
-            ax.imshow(np.rot90(data["image"][row]), cmap="gray")
+    for p, (title, key, data) in enumerate(panels):
+        block, row = divmod(p, per_block)
+        for s in range(n_slices):
+            ax = axes[row, block * n_slices + s]
+            ax.imshow(np.rot90(data["image"][s]), cmap="gray")
             if key:
                 ax.imshow(
-                    np.rot90(data[key][row]), cmap=cmap, vmin=0, vmax=3, interpolation="nearest"
+                    np.rot90(data[key][s]), cmap=cmap, vmin=0, vmax=3, interpolation="nearest"
+                )
+            if s == 0:
+                ax.text(
+                    -0.06,
+                    0.5,
+                    title,
+                    transform=ax.transAxes,
+                    rotation=90,
+                    ha="right",
+                    va="center",
+                    fontsize=8,
                 )
             if row == 0:
-                ax.set_title(title, fontsize=7)
-            if col == 0:
-                for x, text in ((0.02, "L"), (0.98, "R")):
-                    ax.text(
-                        x,
-                        0.5,
-                        text,
-                        transform=ax.transAxes,
-                        color="white",
-                        fontsize=8,
-                        ha="left" if text == "L" else "right",
-                        va="center",
-                        weight="bold",
-                    )
-                if slices is not None and row < len(slices):
-                    ax.text(
-                        0.02,
-                        0.02,
-                        f"z={int(slices[row])}",
-                        transform=ax.transAxes,
-                        color="white",
-                        fontsize=6,
-                        va="bottom",
-                    )
+                z = f"z = {int(slices[s])}" if slices is not None and s < len(slices) else ""
+                ax.set_title(f"slice {s + 1}" + (f" ({z})" if z else ""), fontsize=8)
+            for x, text in ((0.03, "L"), (0.97, "R")):
+                ax.text(
+                    x,
+                    0.5,
+                    text,
+                    transform=ax.transAxes,
+                    color="white",
+                    fontsize=7,
+                    ha="left" if text == "L" else "right",
+                    va="center",
+                    weight="bold",
+                )
     fig.legend(
         handles=[Patch(color=c, label=n) for n, c in TISSUES],
         loc="lower center",
@@ -242,5 +280,5 @@ def overlays(plan: dict, runs: list[Run], name: str, path: Path) -> Path | None:
         "neurological convention (seen from above: subject's right on the right), anterior up",
         fontsize=9,
     )
-    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.04, 1, 0.95))
     return _save(fig, path)

@@ -7,7 +7,10 @@ import html
 import logging
 from pathlib import Path
 
+import yaml
+
 from lowlabel.atomic import write_text
+from lowlabel.run_folder import RECONSTRUCTIONS
 from lowlabel.study.report.figures import dice_vs_labels, learning_curves, overlays, pretrain_curves
 from lowlabel.study.report.runs import Run, load_runs
 from lowlabel.study.report.tables import (
@@ -69,8 +72,17 @@ def build_report(study_dir: str | Path, overlays_on: bool = True) -> Path:
     blocks: list[tuple[str, object]] = []  # ("h2"|"p"|"table"|"img", payload)
     blocks.append(("h1", f"Study {plan['study']} ({plan['profile']} profile)"))
     blocks.append(("p", data_words(plan, runs)))
+    seeds_note = seeds_words(study_dir, plan, runs)
+    if seeds_note:
+        blocks.append(("p", seeds_note))
     if plan.get("description"):
-        blocks.append(("p", plan["description"]))
+        blocks.append(
+            (
+                "p",
+                "What the study reproduces (in the original's terms and step counts; what this "
+                "profile ran is in each heading): " + plan["description"].strip(),
+            )
+        )
     blocks.append(
         (
             "p",
@@ -95,20 +107,22 @@ def build_report(study_dir: str | Path, overlays_on: bool = True) -> Path:
                     + "/".join(map(str, steps)),
                 )
             )
-            blocks.append(("table", pretrain_table(plan, runs, name)))
+            pre_table = pretrain_table(plan, runs, name)
+            blocks.append(("table", pre_table))
+            blocks.append(("p", pre_table.note))
             if not pre_done:
                 path = pretrain_curves(runs, figures / "pretraining_curves.png")
                 if path:
                     blocks.append(("img", (path, "Pretraining curves: every method, every seed")))
                 pre_done = True
             for run in pretrain_runs(runs, plan, name)[:1]:
-                fig = (run.result or {}).get("figure")
-                if fig and Path(fig).exists():
+                fig = _reconstructions(run)
+                if fig is not None:
                     blocks.append(
                         (
                             "img",
                             (
-                                Path(fig),
+                                fig,
                                 f"Reconstructions at steps {'/'.join(map(str, steps))} "
                                 f"(seed {run.seed}, a validation subject): input, "
                                 "reconstruction and their error (colour bar) on three mid-slices",
@@ -131,8 +145,14 @@ def build_report(study_dir: str | Path, overlays_on: bool = True) -> Path:
                         "img",
                         (
                             path,
-                            f"Test mean Dice against labelled subjects, table {name} "
-                            "(mean and 95% CI over seeds)",
+                            f"Test mean Dice against labelled subjects, table {name}, "
+                            f"{steps_words(plan, runs, name)}: one line per step budget and "
+                            "row of the table's other axes, "
+                            + (
+                                "one run per point (one seed)"
+                                if len({r.seed for r in runs}) <= 1
+                                else "mean and 95% CI over seeds, grey dots the seeds"
+                            ),
                         ),
                     )
                 )
@@ -196,6 +216,55 @@ def build_report(study_dir: str | Path, overlays_on: bool = True) -> Path:
     )
     write_text(study_dir / "report.html", page)
     return study_dir / "report.html"
+
+
+def _reconstructions(run: Run) -> Path | None:
+    """A pretraining run's reconstruction figure, found in its own folder (the path its
+    result recorded may name where the study was first written)."""
+    if run.result is None or run.folder is None:
+        return None
+    own = run.folder / RECONSTRUCTIONS
+    if own.is_file():
+        return own
+    fig = run.result.get("figure")
+    return Path(fig) if fig and Path(fig).is_file() else None
+
+
+def seeds_words(study_dir: Path, plan: dict, runs: list[Run]) -> str:
+    """A plain warning when the study has too few seeds for any decision, naming the study's
+    profiles that have enough (read from the ``study.yaml`` kept in the study folder)."""
+    seeds = len({r.seed for r in runs})
+    if seeds >= MIN_SEEDS:
+        return ""
+    better = []
+    try:
+        spec = yaml.safe_load((study_dir / "study.yaml").read_text()) or {}
+        for name, prof in (spec.get("profiles") or {}).items():
+            n = len((prof or {}).get("seeds") or spec.get("seeds") or [])
+            if n >= MIN_SEEDS and name != plan.get("profile"):
+                better.append(f"'{name}' ({n} seeds)")
+    except (OSError, AttributeError, yaml.YAMLError):
+        pass
+    head = (
+        "ONE SEED: every number below is a single run, and one seed decides nothing"
+        if seeds <= 1
+        else f"{seeds} SEEDS: too few for a decision"
+    )
+    text = (
+        f"{head}: differences between runs this close are within what another seed (another "
+        "draw of the labelled subjects, another initialisation) would change, so no comparison "
+        f"is decided (a decision needs at least {MIN_SEEDS} paired seeds). Read this report as a "
+        "check that the pipeline runs and learns."
+    )
+    if better:
+        text += (
+            " For answers, run the profile "
+            + " or ".join(better)
+            + f": 'lowlabel study {plan.get('source') or plan['study']} --profile "
+            + better[0].split("'")[1]
+            + "' (add --data DATASET to run it on your own labelled scans)."
+        )
+    return text
 
 
 def steps_words(plan: dict, runs: list[Run], name: str) -> str:
@@ -273,6 +342,13 @@ def _summary_words(diffs: list[Difference]) -> str:
     note = multiple_comparisons_note(diffs)
     if note:
         parts.append(note)
+    elif len(diffs) > 1:
+        parts.append(
+            f"Multiple comparisons: {len(diffs)} comparisons are read together; at 95% each, "
+            f"about {0.05 * len(diffs):.1f} would exclude 0 by chance alone if nothing were real. "
+            f"With at least {MIN_SEEDS} seeds this note also says which still hold at the "
+            "Bonferroni level."
+        )
     return " ".join(parts) or "No comparisons could be made yet."
 
 

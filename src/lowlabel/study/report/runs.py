@@ -88,9 +88,7 @@ def load_runs(study_dir: Path) -> tuple[dict, list[Run]]:
     for cell in plan["cells"]:
         if not cell.get("run_dir") and cell.get("needs"):
             cell = _resolved(cell, by_key.get(cell.get("pretrain_key")))
-        folder = Path(cell["run_dir"]) if cell.get("run_dir") else None
-        if folder is not None and not folder.is_absolute() and not folder.exists():
-            folder = study_dir / "runs" / folder.name  # a moved study folder
+        folder = _in_study(study_dir, Path(cell["run_dir"])) if cell.get("run_dir") else None
         ident = str(folder) if folder else cell["key"]
         if ident in seen:
             continue
@@ -115,6 +113,13 @@ def load_runs(study_dir: Path) -> tuple[dict, list[Run]]:
             )
         )
     return plan, runs
+
+
+def _in_study(study_dir: Path, folder: Path) -> Path:
+    """A run's folder, read from the study's own ``runs/`` when it is there: a study folder that
+    was moved or copied reports on its own runs, not on the folders its plan first named."""
+    own = study_dir / "runs" / folder.name
+    return own if own.is_dir() or not folder.exists() else folder
 
 
 def _resolved(cell: dict, pre: dict | None) -> dict:

@@ -62,6 +62,25 @@ def cell_text(s: Summary, digits: int = 3) -> str:
     return s.text(digits)
 
 
+def _spread_words(seeds: int) -> str:
+    """How a table's cells read, for the number of seeds per cell."""
+    if seeds <= 1:
+        return (
+            "Each cell: one run (one seed), so no spread and no interval: a single run shows "
+            "what a configuration can do, not whether it beats another."
+        )
+    if seeds < MIN_SEEDS:
+        return (
+            f"Each cell: mean ± SD over {seeds} seeds (each seed also draws the labelled "
+            f"subjects); no interval below {MIN_SEEDS} seeds, where one would span more than "
+            "the metric's range and mean nothing; a single number when all seeds agree."
+        )
+    return (
+        "Each cell: mean ± SD [95% CI] over seeds (each seed also draws the labelled subjects; "
+        "intervals clipped to the metric's range); a single number when all seeds agree."
+    )
+
+
 def not_converged(run: Run) -> bool:
     """A finished run whose best validation came at its last step: still improving when its
     step budget ran out, so its figures understate what the arm can do."""
@@ -118,12 +137,11 @@ def train_table(plan: dict, runs: list[Run], name: str) -> Table:
             seeds += f" (identical to {same[cell]})"
         cells.append(seeds)
         rows.append(cells)
-    note = (
-        "Each cell: mean ± SD [95% CI] over seeds (each seed also draws the labelled "
-        f"subjects); no interval with fewer than {MIN_SEEDS} seeds, too few for one that "
-        "means anything; a single number when there is one seed or all seeds agree. Dice and "
-        "test loss on the test subjects. Not converged: runs whose best validation was at "
-        "their last step (still improving when the step budget ran out; ⚠ read with care)."
+    note = _spread_words(max((len(g) for _, g in table_cells(plan, runs, name)), default=0))
+    note += (
+        " Dice and test loss on the test subjects. Not converged: runs whose best validation "
+        "was at their last step (still improving when the step budget ran out; ⚠ read with "
+        "care)."
     )
     if same:
         note += (
@@ -138,8 +156,10 @@ def surface_table(plan: dict, runs: list[Run], name: str) -> Table:
     spec = plan["tables"][name]
     axes = spec.get("axes") or []
     rows = []
+    seeds = 0
     for labels, group in table_cells(plan, runs, name):
         done = [r for r in group if r.result is not None]
+        seeds = max(seeds, len(group))
         cells = [labels[a] for a in axes]
         for metric in SURFACE_COLUMNS:
             s = summarize((r.value(metric) for r in done), bounds=metric_range(metric))
@@ -151,7 +171,8 @@ def surface_table(plan: dict, runs: list[Run], name: str) -> Table:
         [a.capitalize() for a in axes] + list(SURFACE_COLUMNS.values()),
         rows,
         "HD95: 95th percentile Hausdorff distance (mm); vol. error: absolute volume error (mL); "
-        "both on the test subjects at their native resolution; mean ± SD over seeds.",
+        "both on the test subjects at their native resolution; "
+        + ("one run per cell (one seed)." if seeds <= 1 else "mean ± SD over seeds."),
     )
 
 
@@ -162,47 +183,77 @@ def pretrain_runs(runs: list[Run], plan: dict, name: str) -> list[Run]:
 
 
 def _row_at(metrics: list[dict], step: int) -> dict | None:
-    rows = [r for r in metrics if r.get("step", 0) <= step]
-    return rows[-1] if rows and rows[-1].get("step") == step else (rows[-1] if rows else None)
+    """The last validation at or before ``step`` (checkpoints need not fall on a validation)."""
+    rows = [r for r in metrics if r.get("step", 0) <= step and "val_mse" in r]
+    return rows[-1] if rows else None
 
 
 def pretrain_table(plan: dict, runs: list[Run], name: str) -> Table:
+    """Training and validation loss at each saved checkpoint: the last validation at or before
+    the checkpoint's step, named in the first column when it came earlier."""
     spec = plan["tables"][name]
     group = pretrain_runs(runs, plan, name)
-    header = ["Steps", *PRETRAIN_COLUMNS.values(), "Seeds"]
+    n_seeds = len({r.seed for r in group})
+    header = ["Checkpoint step (validated at)", *PRETRAIN_COLUMNS.values(), "Seeds"]
     rows = []
+    earlier = False
     for step in plan.get("steps", {}).get(name, []):
-        found = [_row_at(r.metrics, step) for r in group]
-        found = [f for f in found if f is not None and f.get("step") == step]
+        found = [f for f in (_row_at(r.metrics, step) for r in group) if f is not None]
+        at = sorted({int(f["step"]) for f in found})
         cells = [str(step)]
+        if at and at != [step]:
+            cells[0] += " (" + "/".join(map(str, at)) + ")"
+            earlier = True
         for key in PRETRAIN_COLUMNS:
             values = (float(f.get(key, float("nan"))) for f in found)
             cells.append(cell_text(summarize(values, bounds=metric_range(key)), 4))
         cells.append(f"{len(found)}/{len(group)}")
         rows.append(cells)
-    return Table(
-        name,
-        spec.get("title", name),
-        header,
-        rows,
-        "Mean ± SD [95% CI] over seeds; validation on held-out validation subjects.",
+    note = (
+        "A single run per step (one seed)."
+        if n_seeds <= 1
+        else f"Mean ± SD over seeds (with a 95% CI from {MIN_SEEDS} seeds on)."
     )
+    note += " Validation loss on held-out validation subjects."
+    if earlier:
+        note += (
+            " A step in brackets: the checkpoint fell between validations, so the row shows the "
+            "last validation before it."
+        )
+    return Table(name, spec.get("title", name), header, rows, note)
+
+
+def side_runs(comp: dict, key: str, runs: list[Run]) -> list[Run]:
+    """The finished runs on side ``key`` (``a`` or ``b``) of a comparison."""
+    table = str(comp["table"])
+    want = {k: str(v) for k, v in comp[key].items()}
+    return [
+        r
+        for r in runs
+        if table in r.labels
+        and r.result is not None
+        and all(r.labels[table].get(k) == v for k, v in want.items())
+    ]
+
+
+def unconverged_words(comp: dict, runs: list[Run]) -> str:
+    """A warning when runs on either side of a comparison were still improving at their last
+    step (their difference is one of under-trained networks), else ``""``."""
+    both = side_runs(comp, "a", runs) + side_runs(comp, "b", runs)
+    flagged = sum(not_converged(r) for r in both)
+    if not flagged:
+        return ""
+    return f"⚠ {flagged} of {len(both)} runs still improving at their last step (not converged)"
 
 
 def comparisons(plan: dict, runs: list[Run]) -> list[Difference]:
     out = []
     for comp in plan.get("comparisons", []):
-        table, metric = str(comp["table"]), comp.get("metric", "mean_dice")
-        side = {}
-        for key in ("a", "b"):
-            want = {k: str(v) for k, v in comp[key].items()}
-            side[key] = {
-                str(r.seed): r.value(metric)
-                for r in runs
-                if table in r.labels
-                and r.result is not None
-                and all(r.labels[table].get(k) == v for k, v in want.items())
-            }
+        metric = comp.get("metric", "mean_dice")
+        side = {
+            key: {str(r.seed): r.value(metric) for r in side_runs(comp, key, runs)}
+            for key in ("a", "b")
+        }
         out.append(
             paired(comp.get("name", f"{comp['a']} vs {comp['b']}"), metric, side["a"], side["b"])
         )
@@ -216,7 +267,7 @@ def comparison_table(diffs: list[Difference]) -> Table:
             d.metric,
             d.a.text(),
             d.b.text(),
-            d.interval(),
+            diff_text(d),
             str(d.diff.n),
             d.decision,
             d.verdict,
@@ -226,9 +277,20 @@ def comparison_table(diffs: list[Difference]) -> Table:
     return Table(
         "comparisons",
         "Paired differences (a - b, paired by seed)",
-        ["Comparison", "Metric", "a", "b", "a - b [95% CI]", "Pairs", "Decision", "In words"],
+        ["Comparison", "Metric", "a", "b", _diff_header(diffs), "Pairs", "Decision", "In words"],
         rows,
     )
+
+
+def _diff_header(diffs: list[Difference]) -> str:
+    """``a - b [95% CI]``, or plain ``a - b (one run each side)`` when no comparison has more
+    than one pair: a column of "(no interval)" reads as broken."""
+    return "a - b [95% CI]" if any(d.diff.n > 1 for d in diffs) else "a - b (one run each side)"
+
+
+def diff_text(diff: Difference) -> str:
+    """The difference cell: with one pair, the bare difference."""
+    return f"{diff.diff.mean:+.3f}" if diff.diff.n == 1 else diff.interval()
 
 
 NOT_CLAIMED = "(not a claim of the original; a check lowlabel adds)"
@@ -244,8 +306,10 @@ def answer(diff: Difference, expect: str) -> str:
     decision, mean = diff.decision, diff.diff.mean
     if diff.diff.n == 0:
         return "not measured yet"
+    if decision == "too few seeds" and diff.diff.n == 1:
+        return "cannot tell: one seed decides nothing (a single pair of runs)"
     if decision == "too few seeds":
-        return f"cannot tell: {diff.diff.n} paired seed(s) are too few for a decision"
+        return f"cannot tell: {diff.diff.n} paired seeds are too few for a decision"
     if decision == "identical":
         return "cannot tell: the runs on both sides were identical"
     if decision == "undecided":
@@ -295,26 +359,36 @@ def claims_table(plan: dict, runs: list[Run], diffs: list[Difference]) -> Table:
     rows = []
     claimed = [(c, d) for c, d in zip(specs, diffs, strict=True) if c.get("claim")]
     for comp, diff in claimed:
-        rows.append((str(comp["claim"]), diff, comp.get("expect", "higher")))
-    rows += pretrain_claims(plan, runs)
-    rows += [(NOT_CLAIMED, d, "") for c, d in zip(specs, diffs, strict=True) if not c.get("claim")]
+        rows.append((str(comp["claim"]), diff, comp.get("expect", "higher"), comp))
+    rows += [(*row, None) for row in pretrain_claims(plan, runs)]
+    rows += [
+        (NOT_CLAIMED, d, "", c) for c, d in zip(specs, diffs, strict=True) if not c.get("claim")
+    ]
+
+    def words(diff: Difference, expect: str, comp: dict | None) -> str:
+        text = answer(diff, expect) if expect else diff.verdict
+        warn = unconverged_words(comp, runs) if comp else ""
+        return f"{text}; {warn}" if warn else text
+
     return Table(
         "claims",
         "The original study's claims, answered",
-        ["The original found", "lowlabel compares", "a - b [95% CI]", "Decision", "Answer"],
+        ["The original found", "lowlabel compares", _diff_header(diffs), "Decision", "Answer"],
         [
             [
                 claim,
                 f"{d.name} ({d.metric})",
-                d.interval(),
+                diff_text(d),
                 d.decision,
-                answer(d, expect) if expect else d.decision,
+                words(d, expect, comp),
             ]
-            for claim, d, expect in rows
+            for claim, d, expect, comp in rows
         ],
         "The original's figures are single runs on other data; lowlabel's are paired differences "
         "over seeds on this study's data. Decision: holds (95% CI excludes 0), equivalent (CI "
-        "inside ±0.01), undecided (neither), identical (nothing differed), too few seeds.",
+        "inside ±0.01), undecided (neither), identical (nothing differed), too few seeds. ⚠: runs "
+        "whose best validation came at their last step, still improving when their step budget "
+        "ran out, so the difference is between networks that had not finished learning.",
     )
 
 
