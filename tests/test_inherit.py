@@ -96,6 +96,14 @@ def test_an_explicit_setting_wins_and_a_different_network_is_one_line(
     assert "leave model.* unset to take the source's" in err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
+    # a key set in a config file is explicit too
+    config = tmp_path / "mine.yaml"
+    config.write_text(yaml.safe_dump({"model": {"levels": 4}}))
+    args = _adapt_args(bundle, tmp_path / "runs", "--config", config)
+    code, out, err = cli(args, monkeypatch, capsys)
+    assert code == 2 and err.strip().count("\n") == 0, err
+    assert "model.levels is 3 in the source, 4 in this run" in err
+
 
 def test_explicit_keys_are_kept_the_rest_comes_from_the_source(bundle, tmp_path):
     from lowlabel.models.transfer import inherit
