@@ -116,6 +116,20 @@ def _load(config: Path | None, overrides: list[str] | None, extra: dict | None =
     return load_config(config, values)
 
 
+def _load_train(config: Path | None, overrides: list[str] | None, extra: dict):
+    """The run config of ``lowlabel train``, completed from its transfer source, saying so."""
+    from lowlabel.config import given_keys, load_config, parse_set, read_config
+    from lowlabel.models.transfer import inherit, inherited_line
+
+    values = parse_set(overrides)
+    values.update(extra)
+    cfg = load_config(config, values, check=False)
+    cfg, taken = inherit(cfg, given_keys(read_config(config)) | given_keys(values))
+    if taken:
+        typer.echo(inherited_line(cfg, taken), err=True)
+    return cfg
+
+
 @app.command(short_help="Train a UNet under a label budget, test it.")
 def train(
     config: ConfigOpt = None,
@@ -141,8 +155,9 @@ def train(
         typer.Option(
             "--scope",
             help="encoder (load the encoder only) or all (the whole network, e.g. a bundle to "
-            "adapt to your scans; learning rate 0.1 x train.lr unless transfer.lr_scale says "
-            "otherwise).",
+            "adapt to your scans: its model.* settings and data.spatial_dims, spacing and "
+            "patch_size come from the source unless you set them; learning rate 0.1 x train.lr "
+            "unless transfer.lr_scale says otherwise).",
         ),
     ] = None,
     resume: Annotated[
@@ -156,7 +171,8 @@ def train(
 
     Without --data (and no data.dataset in the config) it trains on the synthetic demo cohort.
     To adapt a model to your own site: lowlabel train --data MY_DATASET --init-from MODEL_DIR
-    --scope all (set model.* as the model was trained; lowlabel config --list explains).
+    --scope all (the network and its resolution come from the model; lowlabel config --list
+    explains).
     """
     _must_exist(data, NO_DATASET)
     _must_exist(
@@ -178,7 +194,7 @@ def train(
         extra["transfer.mode"] = transfer
     if scope is not None:
         extra["transfer.scope"] = scope
-    cfg = _load(config, set_, extra)
+    cfg = _load_train(config, set_, extra)
     _say_if_demo(cfg)
     with _interruptible():
         from lowlabel.engine.loop import fit

@@ -260,9 +260,13 @@ class TransferConfig:
             ``finetune`` trains everything (encoder at ``encoder_lr_scale`` times the rate);
             ``gradual`` starts frozen and unfreezes after ``unfreeze_after`` steps.
         scope: ``encoder`` loads the encoder blocks level by level (any depth, e.g. from a
-            pretraining run); ``all`` loads every tensor (encoder, decoder and head) of a source
-            with the same network, e.g. a bundle to adapt to a new site with a few labelled
-            scans (set ``model.*`` as in the source; a difference is an error that names it).
+            pretraining run; ``model.*`` and ``data.*`` are this config's); ``all`` loads every
+            tensor (encoder, decoder and head) of a trained network, e.g. a bundle to adapt to a
+            new site with a few labelled scans, and takes from the source the settings that
+            define its network and what it was trained to see: every ``model.*`` key and
+            ``data.spatial_dims``, ``data.spacing``, ``data.patch_size``, unless set explicitly
+            (config file, ``--set``, study file); an explicit value wins, and a network that then
+            differs from the source's is an error that names the key.
         lr_scale: every learning rate of the run is ``train.lr`` times this (the encoder's also
             times ``encoder_lr_scale``), under the same ``train.schedule``; null means 0.1 with
             ``scope: all`` (fine-tuning a trained network: 1e-4 with the default ``train.lr``,
@@ -616,35 +620,60 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any], check: bool = Tru
     return from_dict(data, check)
 
 
-def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read a YAML config (or start from defaults when ``path`` is None) and apply overrides."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise LowlabelError(f"{path}: config file not found; pass an existing YAML file")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            line = getattr(getattr(err, "problem_mark", None), "line", None)
-            where = f" (line {line + 1})" if line is not None else ""
-            raise LowlabelError(f"{path}: not valid YAML{where}; fix the syntax") from None
-        if not isinstance(data, dict):
-            raise LowlabelError(f"{path}: a config must be a mapping of sections")
-        dataset = (
-            data.get("data", {}).get("dataset") if isinstance(data.get("data"), dict) else None
-        )
-        if isinstance(dataset, str) and not Path(dataset).is_absolute():
-            candidate = path.parent / dataset
-            if candidate.exists() and not Path(dataset).exists():
-                data["data"]["dataset"] = str(candidate)
-        section = data.get("pretrain")
-        sources = section.get("unlabelled") if isinstance(section, dict) else None
-        if isinstance(sources, list):
-            section["unlabelled"] = [_beside(path, s) for s in sources]
+def read_config(path: str | Path | None) -> dict:
+    """The mapping of a YAML config file (``{}`` for None), its relative paths read from the
+    file's folder; what :func:`load_config` builds on, and :func:`given_keys` reads.
+
+    Raises:
+        LowlabelError: the file is missing, not YAML, or not a mapping.
+    """
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise LowlabelError(f"{path}: config file not found; pass an existing YAML file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise LowlabelError(f"{path}: not valid YAML{where}; fix the syntax") from None
+    if not isinstance(data, dict):
+        raise LowlabelError(f"{path}: a config must be a mapping of sections")
+    dataset = data.get("data", {}).get("dataset") if isinstance(data.get("data"), dict) else None
+    if isinstance(dataset, str) and not Path(dataset).is_absolute():
+        candidate = path.parent / dataset
+        if candidate.exists() and not Path(dataset).exists():
+            data["data"]["dataset"] = str(candidate)
+    section = data.get("pretrain")
+    sources = section.get("unlabelled") if isinstance(section, dict) else None
+    if isinstance(sources, list):
+        section["unlabelled"] = [_beside(path, s) for s in sources]
+    return data
+
+
+def load_config(
+    path: str | Path | None, overrides: dict[str, Any] | None = None, check: bool = True
+) -> RunConfig:
+    """Read a YAML config (or start from defaults when ``path`` is None) and apply overrides;
+    ``check`` as in :func:`from_dict`."""
+    data = read_config(path)
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
-    return from_dict(data)
+    return from_dict(data, check)
+
+
+def given_keys(layer: dict[str, Any]) -> set[str]:
+    """The dotted keys that one layer of configuration sets: a config file's mapping, ``--set``
+    overrides or a study's layer, e.g. ``{"model": {"levels": 3}, "train.steps": 5}`` ->
+    ``{"model.levels", "train.steps"}``. A key set to its default value counts: it was given."""
+    keys = set()
+    for key, value in layer.items():
+        if "." not in key and isinstance(value, dict):
+            keys.update(f"{key}.{inner}" for inner in value)
+        else:
+            keys.add(key)
+    return keys
 
 
 def _beside(config: Path, value: Any) -> Any:

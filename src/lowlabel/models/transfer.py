@@ -25,7 +25,7 @@ from torch import nn
 from lowlabel import checkpoint
 from lowlabel.atomic import write_json
 from lowlabel.bundle import INFO, WEIGHTS, origin
-from lowlabel.config import RunConfig, from_dict, to_dict
+from lowlabel.config import RunConfig, apply_overrides, from_dict, to_dict, validate
 from lowlabel.errors import LowlabelError
 from lowlabel.models.pretrain import build_pretrain_model
 from lowlabel.models.unet import build_model
@@ -122,6 +122,99 @@ def check_single(path: Path, info: dict) -> None:
             f"{path}: an ensemble of {members} models cannot initialise one network; export a "
             f"single run of it{first} and start from that bundle"
         )
+
+
+SOURCE_DATA_KEYS = ("data.spatial_dims", "data.spacing", "data.patch_size")
+"""Besides every ``model.*`` key, the settings a ``transfer.scope: all`` run takes from its source:
+what the network was trained to see (a network trained at 2 mm is adapted at 2 mm)."""
+
+
+def source_keys() -> list[str]:
+    """Every key :func:`inherit` may take from the source: all ``model.*`` keys, then
+    :data:`SOURCE_DATA_KEYS`."""
+    return [f"model.{k}" for k in to_dict(RunConfig().model)] + list(SOURCE_DATA_KEYS)
+
+
+def source_config(init_from: str | Path) -> tuple[RunConfig, Path, dict]:
+    """The config a source (bundle, run or pretraining folder, checkpoint) was trained with, read
+    from its checkpoint's metadata without loading the tensors.
+
+    Returns:
+        ``(config, checkpoint path, metadata)``.
+
+    Raises:
+        LowlabelError: nothing usable at ``init_from``, an ensemble, or no lowlabel config in the
+            checkpoint.
+    """
+    path = resolve_source(init_from)
+    meta = checkpoint.read_meta(path)
+    if not isinstance(meta.get("config"), dict):
+        raise LowlabelError(
+            f"{path}: checkpoint has no lowlabel config in its metadata; "
+            "use a checkpoint written by lowlabel pretrain or train"
+        )
+    try:
+        return from_dict(meta["config"], check=False), path, meta
+    except LowlabelError as err:
+        raise LowlabelError(f"{path}: {err}") from None
+
+
+def inherit(cfg: RunConfig, given: set[str] | frozenset[str]) -> tuple[RunConfig, list[str]]:
+    """``cfg`` with the settings that define the source's network taken from the source.
+
+    The one place a run's config is completed from its ``transfer.init_from``: ``lowlabel
+    train`` and every study cell call it before the run folder is named (the folder follows
+    from the config it returns). Only with ``transfer.scope: all`` and a mode other than
+    ``scratch``: every ``model.*`` key and :data:`SOURCE_DATA_KEYS` come from the source's own
+    config, except those in ``given`` (set in a config file, ``--set`` or a study layer): an
+    explicit value wins, and if the network then differs from the source's, the error of
+    :func:`load_all` names the difference (here, before anything is loaded or written). Other
+    scopes and modes return ``cfg`` as it is.
+
+    Args:
+        cfg: the run config, possibly not yet validated (built with ``check=False``).
+        given: the dotted keys the user set (:func:`lowlabel.config.given_keys`).
+
+    Returns:
+        ``(config, keys)``: the validated config, and the keys whose value came from the
+        source, where it differs from ``cfg``'s own (in the order of :func:`source_keys`; empty
+        when nothing is inherited or the source agrees with ``cfg``).
+
+    Raises:
+        LowlabelError: an unusable source, or a config that is invalid once completed.
+    """
+    t = cfg.transfer
+    if t.scope != "all" or t.mode == "scratch" or not t.init_from:
+        validate(cfg)
+        return cfg, []
+    source, path, meta = source_config(t.init_from)
+    ours, theirs = to_dict(cfg), to_dict(source)
+    values = {}
+    for key in source_keys():
+        section, name = key.split(".")
+        if key not in given and theirs[section][name] != ours[section][name]:
+            values[key] = theirs[section][name]
+    taken = list(values)
+    done = apply_overrides(cfg, values, check=False)
+    validate(done)
+    problem = model_difference(done, source)
+    if problem:  # refused now, before a folder is named or anything is said
+        raise network_error(path, problem, str(meta.get("kind", "")).startswith("pretrain"))
+    if taken:
+        log.info("%s", inherited_line(done, taken))
+    return done, taken
+
+
+def inherited_line(cfg: RunConfig, keys: list[str]) -> str:
+    """One line naming the ``keys`` :func:`inherit` took from the source, with their values as
+    ``--set`` would write them."""
+    data = to_dict(cfg)
+    shown = []
+    for key in keys:
+        section, name = key.split(".")
+        value = data[section][name]
+        shown.append(f"{key}={value if isinstance(value, str) else json.dumps(value)}")
+    return f"from the source {cfg.transfer.init_from}: {', '.join(shown)}"
 
 
 def source_model(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> nn.Module:
@@ -292,13 +385,36 @@ def load_encoder(src: nn.Module, model: nn.Module) -> dict:
     }
 
 
-def architecture_mismatch(src: nn.Module, model: nn.Module, cfg: RunConfig) -> str | None:
-    """Why ``src``'s tensors cannot all load into ``model``, in words; None when they can."""
-    ours, theirs = to_dict(cfg.model), to_dict(src.source_config.model)
+def model_difference(cfg: RunConfig, source: RunConfig) -> str | None:
+    """The first ``model.*`` key (dropout aside: it has no tensors) on which ``cfg``'s network
+    differs from the ``source`` config's, in words; None when they agree."""
+    ours, theirs = to_dict(cfg.model), to_dict(source.model)
     keys = [k for k in ours if ours[k] != theirs[k] and k != "dropout"]
     if keys:
         k = keys[0]
         return f"model.{k} is {theirs[k]} in the source, {ours[k]} in this run"
+    return None
+
+
+def network_error(path: Path, problem: str, pretraining: bool) -> LowlabelError:
+    """The one-line refusal of a ``transfer.scope: all`` source whose network differs."""
+    if pretraining:
+        return LowlabelError(
+            f"{path}: transfer.scope all needs the source's network, but {problem} (a "
+            "pretraining network restores images and has no segmentation head); use "
+            "transfer.scope encoder"
+        )
+    return LowlabelError(
+        f"{path}: transfer.scope all needs the source's network, but {problem}; leave "
+        "model.* unset to take the source's, or use transfer.scope encoder"
+    )
+
+
+def architecture_mismatch(src: nn.Module, model: nn.Module, cfg: RunConfig) -> str | None:
+    """Why ``src``'s tensors cannot all load into ``model``, in words; None when they can."""
+    problem = model_difference(cfg, src.source_config)
+    if problem:
+        return problem
     source, target = src.state_dict(), model.state_dict()
     for key, value in target.items():
         if key not in source:
@@ -320,17 +436,8 @@ def load_all(src: nn.Module, model: nn.Module, cfg: RunConfig, path: Path) -> di
         LowlabelError: the networks differ, in one line that names the difference.
     """
     problem = architecture_mismatch(src, model, cfg)
-    if problem and getattr(src, "out_channels", None) == 1:
-        raise LowlabelError(
-            f"{path}: transfer.scope all needs the source's network, but {problem} (a "
-            "pretraining network restores images and has no segmentation head); use "
-            "transfer.scope encoder"
-        )
     if problem:
-        raise LowlabelError(
-            f"{path}: transfer.scope all needs the source's network, but {problem}; set model.* "
-            "as in the source, or use transfer.scope encoder"
-        )
+        raise network_error(path, problem, getattr(src, "out_channels", None) == 1)
     source = src.state_dict()
     with torch.no_grad():
         for key, value in model.state_dict().items():

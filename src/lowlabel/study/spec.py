@@ -21,7 +21,14 @@ from typing import Any
 
 import yaml
 
-from lowlabel.config import RunConfig, apply_overrides, run_dir, to_dict, validate
+from lowlabel.config import (
+    RunConfig,
+    apply_overrides,
+    given_keys,
+    run_dir,
+    to_dict,
+    validate,
+)
 from lowlabel.data.size import too_small, world_extent
 from lowlabel.errors import LowlabelError
 
@@ -309,6 +316,21 @@ def _config(
     return cfg
 
 
+def _from_source(cfg: RunConfig, given: set[str], where: str) -> RunConfig:
+    """``cfg`` completed from a literal ``transfer.init_from`` as ``lowlabel train`` completes
+    it (:func:`lowlabel.models.transfer.inherit`), before the cell's folder is named. A
+    reference to the study's own pretraining run (``@name``) is left as it is: its network is
+    the study's, and ``transfer.scope: all`` refuses a pretraining network anyway."""
+    if not cfg.transfer.init_from or _is_ref(cfg.transfer.init_from):
+        return cfg
+    from lowlabel.models.transfer import inherit  # loads torch: only for such a cell
+
+    try:
+        return inherit(cfg, given)[0]
+    except LowlabelError as err:
+        raise LowlabelError(f"{where}: {err}") from None
+
+
 def _finish(cfg: RunConfig, kind: str, seed: int, out: Path, min_steps: int) -> RunConfig:
     t = cfg.train
     values: dict[str, Any] = {"seed": seed, "data.draw": seed, "out": str(out)}
@@ -402,6 +424,8 @@ def expand(
                 ]
                 where = f"{study.path}: tables.{tname} cell {labels}"
                 cfg = _config([("--set", overrides)], 1.0, where, _config(layers, scale, where))
+                given = set().union(*(given_keys(o) for _, o in [*layers, ("--set", overrides)]))
+                cfg = _from_source(cfg, given, where)
                 cfg = _finish(cfg, "train", seed, out, min_steps)
                 needs = pre_key = None
                 if _is_ref(cfg.transfer.init_from):
