@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +31,7 @@ import yaml
 from torch import nn
 
 from lowlabel import checkpoint, run_folder
-from lowlabel.atomic import write_json, write_text
+from lowlabel.atomic import atomic_dir, write_json, write_text
 from lowlabel.config import RunConfig, dump_yaml, from_dict, to_dict
 from lowlabel.data.io import LABEL_NAMES
 from lowlabel.data.transforms import AXCODES, patch_shape
@@ -255,9 +253,7 @@ def export(
             "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
     )
-    model_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=model_dir.parent, prefix=f".{model_dir.name}."))
-    try:
+    with atomic_dir(model_dir) as tmp:
         checkpoint.save(
             tmp / WEIGHTS,
             {f"model.{k}": v for k, v in model.state_dict().items()},
@@ -265,13 +261,6 @@ def export(
         )
         write_text(tmp / CONFIG, dump_yaml(cfg))
         write_json(tmp / INFO, info)
-        os.chmod(tmp, 0o755)
-        if model_dir.exists():
-            model_dir.rmdir()
-        os.replace(tmp, model_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return model_dir
 
 

@@ -22,9 +22,7 @@ it (its own bundles hold safetensors only).
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -389,7 +387,7 @@ def export_monai(
     """
     import torch
 
-    from lowlabel.atomic import write_json, write_text
+    from lowlabel.atomic import atomic_dir, write_json, write_text
     from lowlabel.bundle import export as export_lowlabel
     from lowlabel.bundle import load as load_bundle
 
@@ -397,9 +395,7 @@ def export_monai(
     licence, licence_text = _licence_text(weights_license)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise LowlabelError(f"{out_dir}: exists and is not an empty folder; choose a new folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with atomic_dir(out_dir) as tmp:
         # the lowlabel bundle gives the checked config, weights and provenance in one place
         bundle = load_bundle(export_lowlabel(run_dir, tmp / "lowlabel", allow_unfinished))
         cfg = bundle.cfg
@@ -419,11 +415,4 @@ def export_monai(
         # lowlabel's own description of the model, for provenance
         shutil.move(str(tmp / "lowlabel" / "bundle.json"), tmp / "docs" / "lowlabel_bundle.json")
         shutil.rmtree(tmp / "lowlabel")
-        os.chmod(tmp, 0o755)
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
