@@ -10,6 +10,11 @@ Parts (``--parts``, comma-separated):
   (``transfer.scope=all``) on k = 1 and 3 labelled IXI scans (drawn per seed), against training
   from scratch on the same k scans; paired 95% CIs over seeds, and the steps each arm needs to
   reach 0.90 validation Dice.
+- ``pretrain_pool``: genesis pretraining (in-painting, 3000 steps) on malf35's 16-scan training
+  pool, and on that pool plus IXI's images outside its test split, each fine-tuned on 1 and 3
+  labelled malf35 scans (drawn per seed) against scratch; every run to early stopping at the
+  transfer benchmark's scale (3-level residual UNet, 32^3 patches); paired 95% CIs over seeds and
+  the steps each arm needs to reach its seed's scratch best validation Dice.
 
 The fixed IXI test split is ``data.n_test=40, data.n_val=3, data.split_seed=0`` on IXI's
 ``dataset.json`` (what every IXI run here uses, so its own test split is that one); it is also
@@ -20,7 +25,7 @@ Runs go side by side, ``--jobs`` processes with one torch thread each; finished 
 so a rerun only does what is missing. Writes ``benchmarks/results/site.json``.
 
 Usage:
-    python benchmarks/site.py [--parts zero_shot,adapt] [--seeds 5] [--jobs 2]
+    python benchmarks/site.py [--parts zero_shot,adapt,pretrain_pool] [--seeds 5] [--jobs 2]
 """
 
 from __future__ import annotations
@@ -50,6 +55,25 @@ COMMON = {
 MALF35 = {"data.n_test": 7, "data.n_val": 3, "data.budget": 3, "data.draw": 0, "seed": 0}
 IXI_SPLIT = {"data.n_test": 40, "data.n_val": 3}
 ROBUST = {"augment.site": "robust"}
+# pretrain_pool: the transfer benchmark's scale (2 mm, 32^3 patches, a 3-level residual UNet) on
+# malf35's default split (test 6, validation 3, pool 16), each run to early stopping
+POOL_SCALE = {
+    "data.spatial_dims": 3,
+    "data.spacing": [2.0, 2.0, 2.0],
+    "data.patch_size": [32, 32, 32],
+    "model.levels": 3,
+    "model.channels": 16,
+    "model.num_res_units": 2,
+    "train.batch_size": 2,
+    "train.val_every": 100,
+    "train.patience": 10,
+    "train.threads": 1,
+}
+GENESIS = {
+    "pretrain.method": "genesis",
+    "pretrain.nonlinear_prob": 0.0,
+    "pretrain.inpaint_prob": 1.0,
+}
 
 
 def load_average() -> list[float]:
@@ -61,24 +85,25 @@ class Runs:
 
     def __init__(self, out: Path, jobs: int) -> None:
         self.out, self.jobs = out, jobs
-        self.waiting: list[tuple[str, Path, dict]] = []
+        self.waiting: list[tuple[str, Path, dict, str]] = []
 
-    def add(self, name: str, data: Path, sets: dict) -> Path:
+    def add(self, name: str, data: Path, sets: dict, kind: str = "train") -> Path:
+        """Queue a ``lowlabel train`` (or ``pretrain``) run unless it is finished; its folder."""
         from lowlabel.config import load_config, run_dir
 
         sets = dict(sets, name=name)
         cfg = load_config(None, dict(sets, **{"data.dataset": str(data), "out": str(self.out)}))
-        folder = run_dir(cfg)
+        folder = run_dir(cfg, kind)
         if not (folder / "result.json").exists():
-            self.waiting.append((name, data, sets))
+            self.waiting.append((name, data, sets, kind))
         return folder
 
     def run(self) -> None:
         procs: list[tuple[str, subprocess.Popen]] = []
         while self.waiting or procs:
             while self.waiting and len(procs) < self.jobs:
-                name, data, sets = self.waiting.pop(0)
-                cmd = [sys.executable, "-m", "lowlabel.cli", "train", "--data", str(data)]
+                name, data, sets, kind = self.waiting.pop(0)
+                cmd = [sys.executable, "-m", "lowlabel.cli", kind, "--data", str(data)]
                 cmd += ["--out", str(self.out), "--resume", "--quiet"]
                 for key, value in sets.items():
                     cmd += ["--set", f"{key}={json.dumps(value)}"]
@@ -249,6 +274,127 @@ def adapt(args: argparse.Namespace, runs: Runs, work: Path, source_run: Path) ->
     return out
 
 
+def ixi_pool_dataset(ixi: Path, work: Path) -> tuple[Path, int]:
+    """``<work>/ixi_pool.json``: IXI's images outside its fixed test split, without labels."""
+    from lowlabel.atomic import write_json
+    from lowlabel.data.datasets import load_dataset
+    from lowlabel.data.splits import make_splits
+
+    ds = load_dataset(ixi)
+    split = make_splits(
+        [s["id"] for s in ds.subjects], IXI_SPLIT["data.n_test"], IXI_SPLIT["data.n_val"], 0
+    )
+    test = set(split["test"])
+    items = [{"image": s["image"]} for s in ds.subjects if s["id"] not in test]
+    path = work / "ixi_pool.json"
+    write_json(path, {"name": "ixi-pool", "labels": {"0": "background"}, "training": items})
+    return path, len(items)
+
+
+def converged(run: Path, budget: int) -> bool:
+    """Early stopping ended the run, or its best step came before 80% of its step budget."""
+    res = result_of(run)
+    return bool(res.get("stopped_early")) or res["best_step"] < 0.8 * budget
+
+
+def pretrain_pool(args: argparse.Namespace, runs: Runs, work: Path) -> dict:
+    """Genesis pretraining on malf35's 16-scan pool vs that pool plus IXI, fine-tuned on 1 and 3
+    labelled malf35 scans, against scratch; every run to early stopping."""
+    ixi_pool, ixi_images = ixi_pool_dataset(args.ixi, work)
+    base = dict(POOL_SCALE, **{"train.steps": args.pool_steps})
+    pre = dict(
+        base,
+        **GENESIS,
+        **{"seed": 0, "pretrain.steps": args.pretrain_steps, "train.batch_size": 4},
+    )
+    pretrained = {
+        "16": runs.add("pool16-genesis", args.malf35, pre, kind="pretrain"),
+        "160": runs.add(
+            "pool160-genesis",
+            args.malf35,
+            dict(pre, **{"pretrain.unlabelled": [str(ixi_pool)]}),
+            kind="pretrain",
+        ),
+    }
+    folders: dict[tuple[int, int, str], Path] = {}
+    for k in args.budgets:
+        for seed in range(args.seeds):
+            sets = dict(base, **{"data.budget": k, "data.draw": seed, "seed": seed})
+            folders[(k, seed, "scratch")] = runs.add(
+                f"malf35-k{k}-s{seed}-scratch", args.malf35, sets
+            )
+    runs.run()  # pretraining first (queued first), scratch alongside and after
+    for k in args.budgets:
+        for seed in range(args.seeds):
+            sets = dict(base, **{"data.budget": k, "data.draw": seed, "seed": seed})
+            for pool, folder in pretrained.items():
+                folders[(k, seed, f"pool{pool}")] = runs.add(
+                    f"malf35-k{k}-s{seed}-pool{pool}",
+                    args.malf35,
+                    dict(sets, **{"transfer.init_from": str(folder), "transfer.mode": "finetune"}),
+                )
+    runs.run()
+    arms = ("scratch", "pool16", "pool160")
+    out: dict = {
+        "method": "genesis (in-painting only), fine-tuned whole (transfer.mode=finetune)",
+        "settings": dict(base, **{"train.patience": POOL_SCALE["train.patience"]}),
+        "pretraining": {},
+        "note": (
+            "the 160 pool is malf35's 16 training-pool scans plus IXI's images outside its fixed "
+            "40-scan test split (no run of this benchmark pretrains on an IXI test scan); test "
+            "on malf35's fixed test split"
+        ),
+    }
+    for pool, folder in pretrained.items():
+        res = result_of(folder)
+        out["pretraining"][pool] = {
+            "images": res["images"],
+            "steps": res["steps"],
+            "seconds": round(res["seconds"], 1),
+            "val_mse": round(res["val_mse"], 5),
+            "run_dir": str(folder),
+        }
+    for k in args.budgets:
+        dice = {
+            arm: [result_of(folders[(k, s, arm)])["test"]["mean_dice"] for s in range(args.seeds)]
+            for arm in arms
+        }
+        row: dict = {"seeds": args.seeds}
+        for arm in arms:
+            row[arm] = interval(dice[arm])
+        for pool in ("16", "160"):
+            row[f"pool_{pool}_vs_scratch"] = interval(
+                [a - b for a, b in zip(dice[f"pool{pool}"], dice["scratch"], strict=True)]
+            )
+        row["pool_160_vs_pool_16"] = interval(
+            [a - b for a, b in zip(dice["pool160"], dice["pool16"], strict=True)]
+        )
+        row["per_seed"] = {arm: [round(v, 4) for v in dice[arm]] for arm in arms}
+        # when each arm's validation Dice first reaches the same seed's scratch run's best
+        row["steps_to_scratch_best"] = {
+            arm: [
+                steps_to(
+                    folders[(k, s, arm)],
+                    result_of(folders[(k, s, "scratch")])["best_val_dice"] - 1e-9,
+                )
+                for s in range(args.seeds)
+            ]
+            for arm in arms
+        }
+        for key in ("steps", "best_step"):
+            row[key] = {
+                arm: [result_of(folders[(k, s, arm)])[key] for s in range(args.seeds)]
+                for arm in arms
+            }
+        row["converged"] = {
+            arm: [converged(folders[(k, s, arm)], args.pool_steps) for s in range(args.seeds)]
+            for arm in arms
+        }
+        out[str(k)] = row
+    out["ixi_pool_images"] = ixi_images
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--malf35", type=Path, default=SHARED / "malf35" / "dataset.json")
@@ -268,6 +414,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=[1, 3])
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--pool-steps", type=int, default=4000, help="pretrain_pool step budget")
+    parser.add_argument("--pretrain-steps", type=int, default=3000)
     parser.add_argument(
         "--results", type=Path, default=ROOT / "benchmarks" / "results" / "site.json"
     )
@@ -303,10 +451,17 @@ def main() -> None:
         adapted = adapt(args, runs, args.out, Path(robust or "."))
         if adapted:
             results["adapt"] = adapted
+    if "pretrain_pool" in parts:
+        results["pretrain_pool"] = pretrain_pool(args, runs, args.out)
     results["wall_seconds_last_invocation"] = round(time.time() - t0, 1)
     results["load_average_before_after"] = [load_before, load_average()]
     write_json(args.results, results)
-    print(json.dumps({k: results[k] for k in ("zero_shot", "adapt") if k in results}, indent=1))
+    print(
+        json.dumps(
+            {k: results[k] for k in ("zero_shot", "adapt", "pretrain_pool") if k in results},
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -166,6 +166,68 @@ def quality(out: Path) -> dict:
     }
 
 
+def reference_check(out: Path, runs: int, factor: int = 4, margin: float = 0.01) -> dict:
+    """Convergence against longer training: ``runs`` of the study's finished training runs (seed
+    0, one per table where it can, scratch first) are trained again from their own config with
+    ``factor`` times the step budget and no early stopping; a run passes when its test mean Dice
+    is within ``margin`` of (or above) its reference's."""
+    import csv
+
+    import yaml
+
+    with open(out / "runs.csv") as fh:
+        rows = [
+            r
+            for r in csv.DictReader(fh)
+            if r["kind"] == "train" and r["status"] == "finished" and r["mean_dice"]
+        ]
+    rows.sort(key=lambda r: (r["seed"] != "0", "scratch" not in r["run_dir"]))
+    chosen: list[dict] = []
+    for r in rows:  # one per table first, then any
+        table = r["tables"].split(":")[0]
+        if table not in {c["tables"].split(":")[0] for c in chosen}:
+            chosen.append(r)
+    chosen += [r for r in rows if r not in chosen]
+    checks = []
+    for r in chosen[:runs]:
+        run = Path(r["run_dir"])
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        budget = int(cfg["train"]["steps"])
+        cmd = [sys.executable, "-m", "lowlabel.cli", "train", "-c", str(run / "config.yaml")]
+        cmd += ["--out", str(out / "reference"), "--resume", "--quiet"]
+        cmd += ["--set", f"train.steps={factor * budget}", "--set", "train.patience=0"]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        ref_dir = max(
+            (out / "reference").glob(f"{cfg['name']}-*/result.json"),
+            key=lambda q: q.stat().st_mtime,
+        ).parent
+        ref = json.loads((ref_dir / "result.json").read_text())
+        dice, ref_dice = float(r["mean_dice"]), float(ref["test"]["mean_dice"])
+        checks.append(
+            {
+                "run": run.name,
+                "table": r["tables"].split(":")[0],
+                "steps": int(r["steps"]),
+                "budget": budget,
+                "mean_dice": round(dice, 4),
+                "reference_steps": ref["steps"],
+                "reference_best_step": ref["best_step"],
+                "reference_mean_dice": round(ref_dice, 4),
+                "gap": round(ref_dice - dice, 4),
+                "passed": ref_dice - dice <= margin,
+                "reference_seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
+    return {
+        "share": round(sum(c["passed"] for c in checks) / len(checks), 3) if checks else None,
+        "how": f"{len(checks)} runs retrained from their own config with {factor}x the step "
+        f"budget and no early stopping; passed when the study's run is within {margin} test "
+        "mean Dice of that reference (or above it)",
+        "checks": checks,
+    }
+
+
 def strip_images(markdown: str) -> str:
     return re.sub(r"^!\[.*\]\(.*\)\n*", "", markdown, flags=re.M)
 
@@ -181,6 +243,13 @@ def main() -> None:
         type=float,
         default=0.0,
         help="interrupt the study after this long and report what finished",
+    )
+    parser.add_argument(
+        "--reference-runs",
+        type=int,
+        default=0,
+        help="after the study, retrain this many of its runs 4x as long without early stopping "
+        "and record whether each study run is within 0.01 mean Dice of it",
     )
     parser.add_argument(
         "--fresh-cache",
@@ -203,6 +272,8 @@ def main() -> None:
         described = machine()  # with the load average before the run
         res = run_profile(profile, data, out, args.jobs, args.timeout_minutes)
         res.update(quality(out))
+        if args.reference_runs and (out / "runs.csv").exists():
+            res["converged_reference"] = reference_check(out, args.reference_runs)
         res["benchmark_command"] = "nice -n 10 python benchmarks/study.py " + " ".join(sys.argv[1:])
         res["machine"] = described
         res["fresh_cache"] = args.fresh_cache
