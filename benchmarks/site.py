@@ -432,7 +432,6 @@ def main() -> None:
     results.update(
         {
             "machine": machine(),
-            "command": "python benchmarks/site.py " + " ".join(sys.argv[1:]),
             "settings": COMMON,
             "ixi_test_subjects": len(test_ids),
             "ixi_test_ids": test_ids,
@@ -440,6 +439,9 @@ def main() -> None:
     )
     runs = Runs(args.out, args.jobs)
     parts = args.parts.split(",")
+    command = "python benchmarks/site.py " + " ".join(sys.argv[1:])
+    commands = results.setdefault("commands", {})  # the command that last ran each part
+    commands.update({part: command for part in parts})
     t0, load_before = time.time(), load_average()
     if "zero_shot" in parts:
         results["zero_shot"] = dict(results.get("zero_shot", {}), **zero_shot(args, runs, ixi_test))
@@ -452,7 +454,10 @@ def main() -> None:
         if adapted:
             results["adapt"] = adapted
     if "pretrain_pool" in parts:
+        t_pool, load_pool = time.time(), load_average()
         results["pretrain_pool"] = pretrain_pool(args, runs, args.out)
+        results["pretrain_pool"]["wall_seconds"] = round(time.time() - t_pool, 1)
+        results["pretrain_pool"]["load_average_before_after"] = [load_pool, load_average()]
     results["wall_seconds_last_invocation"] = round(time.time() - t0, 1)
     results["load_average_before_after"] = [load_before, load_average()]
     write_json(args.results, results)

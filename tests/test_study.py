@@ -71,19 +71,19 @@ def test_profile_scales_steps(tmp_path):
     paper = {c.key: c for c in study_spec.expand(study, "paper", None, tmp_path)}
     quick = study_spec.expand(study, "quick", None, tmp_path)
     pre = next(c for c in quick if c.kind == "pretrain" and c.cfg.pretrain.method == "autoencoder")
-    # 3000 pretraining steps at scale 0.08 would be 240; the profile's pretraining_set asks for
-    # 1500 (120), so the table's 240-step checkpoint is dropped, not invented
-    assert pre.cfg.pretrain.steps == 120
-    assert pre.cfg.pretrain.save_steps == (40, 80, 120)
+    # 3000 pretraining steps at scale 0.06 would be 180; the profile's pretraining_set asks for
+    # 1500 (90), so the table's 180-step checkpoint is dropped, not invented
+    assert pre.cfg.pretrain.steps == 90
+    assert pre.cfg.pretrain.save_steps == (30, 60, 90)
     assert pre.cfg.data.patch_size == (64, 64)
     base = next(c for c in quick if c.labels.get("1a") == {"model": "3-level", "data": "low"})
-    assert base.cfg.train.steps == 400 and base.cfg.train.val_every == 50
+    assert base.cfg.train.steps == 300 and base.cfg.train.val_every == 100
     assert base.cfg.data.spatial_dims == 2
     transfer = [c for c in quick if "2b" in c.labels]
-    assert all(c.cfg.train.steps == 300 for c in transfer)  # 500 * 0.08, raised to min_train_steps
-    assert {c.needs for c in transfer if c.needs} == {("autoencoder", 120), ("genesis", 120)}
+    assert all(c.cfg.train.steps == 250 for c in transfer)  # 500 * 0.06, raised to min_train_steps
+    assert {c.needs for c in transfer if c.needs} == {("autoencoder", 90), ("genesis", 90)}
     plan = json.loads(study_spec.plan_json(study, "quick", quick))
-    assert plan["steps"]["2a"] == [40, 80, 120]  # what the pretraining runs keep
+    assert plan["steps"]["2a"] == [30, 60, 90]  # what the pretraining runs keep
     big = next(
         c for c in paper.values() if c.labels.get("1a") == {"model": "3-level", "data": "full"}
     )
