@@ -172,7 +172,24 @@ def step_loader(
         num_workers=cfg.train.workers,
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(cfg.seed),
+        multiprocessing_context=loader_context() if cfg.train.workers else None,
     )
+
+
+def loader_context() -> str | None:
+    """How loader processes start: forked on Linux, whatever this process's default.
+
+    A process that was itself spawned (a study's local worker) has ``spawn`` as its default, so
+    its loader would start a fresh interpreter, import torch and MONAI again and receive the
+    cached volumes pickled: measured on 2 cores, its runs waited for batches 54% of their step
+    time against 34% with a forked loader (as ``lowlabel train`` and Ray's workers have). A
+    forked loader shares the cache copy-on-write; PyTorch's loader processes set their own
+    thread count to 1. Elsewhere (macOS, Windows) the platform's default stays.
+    """
+    import multiprocessing as mp
+    import sys
+
+    return "fork" if sys.platform == "linux" and "fork" in mp.get_all_start_methods() else None
 
 
 def train_loader(
