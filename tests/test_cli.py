@@ -75,9 +75,12 @@ def test_a_plain_process_gives_one_line_too():
 # --- Ctrl-C ---------------------------------------------------------------------------------
 
 
-def _interrupt(cmd: list[str], started, timeout: float = 240) -> subprocess.CompletedProcess:
+def _interrupt(
+    cmd: list[str], started, timeout: float = 240, sig: int = signal.SIGINT, group: bool = True
+) -> subprocess.CompletedProcess:
     """Start ``lowlabel cmd`` in its own process group, wait until ``started()``, then send
-    SIGINT to the whole group, as a terminal's Ctrl-C does."""
+    ``sig`` to the whole group, as a terminal's Ctrl-C does (or, ``group=False``, to the command's
+    own process only, as ``kill PID`` does)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "lowlabel.cli", *cmd],
@@ -93,7 +96,10 @@ def _interrupt(cmd: list[str], started, timeout: float = 240) -> subprocess.Comp
             time.sleep(0.2)
         assert proc.poll() is None, proc.communicate()
         assert started(), "the command never got going"
-        os.killpg(proc.pid, signal.SIGINT)
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            os.kill(proc.pid, sig)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -170,6 +176,34 @@ def test_ctrl_c_stops_a_study_with_exit_130_and_no_worker_traceback(tmp_path):
     assert done.returncode == 130, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     assert "leaked" not in done.stderr  # the worker pool was shut down, not abandoned
+    assert done.stderr.strip().splitlines() == [
+        "interrupted; rerun the same study command to continue"
+    ]
+
+
+def test_sigterm_stops_a_study_and_its_workers(tmp_path):
+    """``kill PID`` on the study process alone (no signal reaches its workers) used to end the
+    study and leave its two worker processes running without a parent; it now stops them as
+    Ctrl-C does, each run resumable."""
+    from helpers import write_study
+
+    data = make_tiny_dataset(tmp_path / "data", n=4, shape=(24, 24, 24))
+    base = {
+        "data.dataset": str(data),
+        "data.patch_size": [16, 16, 16],
+        "data.n_test": 1,
+        "data.n_val": 1,
+        "model.channels": 4,
+        "train.steps": 100000,
+        "train.val_every": 1,
+        "train.threads": 1,
+    }
+    path = write_study(tmp_path / "tiny.yaml", data, base=base)
+    study_dir = tmp_path / "study"
+    cmd = ["study", str(path), "--out", str(study_dir), "--jobs", "2", "--quiet"]
+    done = _interrupt(cmd, lambda: _logged(study_dir), sig=signal.SIGTERM, group=False)
+    assert done.returncode == 130, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines() == [
         "interrupted; rerun the same study command to continue"
     ]

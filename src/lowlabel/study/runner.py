@@ -286,6 +286,20 @@ def _signals_ignored(*signums: int) -> Iterator[None]:
             signal.signal(n, handler)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _term_as_interrupt():
+    """Treat SIGTERM (``kill PID``, a batch scheduler's notice) like Ctrl-C while the study
+    runs: its workers are stopped, each run resumable, instead of being left running without
+    their parent. Returns the previous handler (None where it cannot be set: not the main
+    thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _interrupt)
+
+
 def _local_run_cell(kind: str, config: dict, threads: int) -> dict:
     """:func:`run_cell` in a local worker; STOP_SIGNAL interrupts the run (and only the run)."""
     signal.signal(STOP_SIGNAL, _stop_once)
@@ -665,6 +679,7 @@ def run_study(
         return state
 
     running: dict[cf.Future, Cell] = {}
+    previous_term = _term_as_interrupt()
     try:
         while waiting or running:
             # pretraining first, then transfer runs whose checkpoint is ready, then the rest
@@ -712,13 +727,15 @@ def run_study(
                     except Exception as err:  # tracking is a side channel; the run is done
                         log.warning("MLflow logging failed for %s: %s", cell.key, err)
     except KeyboardInterrupt:
-        # a second Ctrl-C must not cut short the closing of the workers
-        with _signals_ignored(signal.SIGINT):
+        # a second Ctrl-C (or SIGTERM) must not cut short the closing of the workers
+        with _signals_ignored(signal.SIGINT, signal.SIGTERM):
             exe.close(cancel=True)
         raise
     else:
         exe.close()
     finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
         bar.close()
         final = [by_key[c.key] for c in cells]
         write_text(study_dir / "plan.json", plan_json(study, profile, final))
