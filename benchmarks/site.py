@@ -38,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 
+import transfer  # the transfer benchmark's scale (this folder is on the path)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 
@@ -55,25 +57,16 @@ COMMON = {
 MALF35 = {"data.n_test": 7, "data.n_val": 3, "data.budget": 3, "data.draw": 0, "seed": 0}
 IXI_SPLIT = {"data.n_test": 40, "data.n_val": 3}
 ROBUST = {"augment.site": "robust"}
-# pretrain_pool: the transfer benchmark's scale (2 mm, 32^3 patches, a 3-level residual UNet) on
-# malf35's default split (test 6, validation 3, pool 16), each run to early stopping
+# pretrain_pool: the transfer benchmark's scale (2 mm, 32^3 patches, a 3-level residual UNet) and
+# its genesis settings, on malf35's default split (test 6, validation 3, pool 16), each run to
+# early stopping
 POOL_SCALE = {
+    **transfer.SCALE,
     "data.spatial_dims": 3,
-    "data.spacing": [2.0, 2.0, 2.0],
-    "data.patch_size": [32, 32, 32],
-    "model.levels": 3,
-    "model.channels": 16,
-    "model.num_res_units": 2,
-    "train.batch_size": 2,
     "train.val_every": 100,
     "train.patience": 10,
-    "train.threads": 1,
 }
-GENESIS = {
-    "pretrain.method": "genesis",
-    "pretrain.nonlinear_prob": 0.0,
-    "pretrain.inpaint_prob": 1.0,
-}
+GENESIS = {"pretrain.method": "genesis", **transfer.METHOD_SETTINGS["genesis"]}
 
 
 def load_average() -> list[float]:
@@ -118,18 +111,23 @@ class Runs:
                     print(f"[{time.strftime('%H:%M:%S')}] done {name}", flush=True)
 
 
-def ixi_test_dataset(ixi: Path, work: Path) -> tuple[Path, list[str]]:
-    """``<work>/ixi_test.json``: the fixed IXI test split as a dataset of its own."""
-    from lowlabel.atomic import write_json
+def ixi_split(ixi: Path) -> tuple[list[dict], set[str]]:
+    """IXI's subjects and the ids of its fixed test split."""
     from lowlabel.data.datasets import load_dataset
     from lowlabel.data.splits import make_splits
 
     ds = load_dataset(ixi)
-    split = make_splits(
-        [s["id"] for s in ds.subjects], IXI_SPLIT["data.n_test"], IXI_SPLIT["data.n_val"], 0
-    )
-    test = set(split["test"])
-    items = [{"image": s["image"], "label": s["label"]} for s in ds.subjects if s["id"] in test]
+    ids = [s["id"] for s in ds.subjects]
+    split = make_splits(ids, IXI_SPLIT["data.n_test"], IXI_SPLIT["data.n_val"], 0)
+    return ds.subjects, set(split["test"])
+
+
+def ixi_test_dataset(ixi: Path, work: Path) -> tuple[Path, list[str]]:
+    """``<work>/ixi_test.json``: the fixed IXI test split as a dataset of its own."""
+    from lowlabel.atomic import write_json
+
+    subjects, test = ixi_split(ixi)
+    items = [{"image": s["image"], "label": s["label"]} for s in subjects if s["id"] in test]
     path = work / "ixi_test.json"
     write_json(path, {"name": "ixi-test", "labels": {"0": "background"}, "training": items})
     return path, sorted(test)
@@ -277,15 +275,9 @@ def adapt(args: argparse.Namespace, runs: Runs, work: Path, source_run: Path) ->
 def ixi_pool_dataset(ixi: Path, work: Path) -> tuple[Path, int]:
     """``<work>/ixi_pool.json``: IXI's images outside its fixed test split, without labels."""
     from lowlabel.atomic import write_json
-    from lowlabel.data.datasets import load_dataset
-    from lowlabel.data.splits import make_splits
 
-    ds = load_dataset(ixi)
-    split = make_splits(
-        [s["id"] for s in ds.subjects], IXI_SPLIT["data.n_test"], IXI_SPLIT["data.n_val"], 0
-    )
-    test = set(split["test"])
-    items = [{"image": s["image"]} for s in ds.subjects if s["id"] not in test]
+    subjects, test = ixi_split(ixi)
+    items = [{"image": s["image"]} for s in subjects if s["id"] not in test]
     path = work / "ixi_pool.json"
     write_json(path, {"name": "ixi-pool", "labels": {"0": "background"}, "training": items})
     return path, len(items)

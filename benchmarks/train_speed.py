@@ -148,18 +148,12 @@ def worker(kind: str, cfg_json: str) -> None:
     from lowlabel.data.batches import train_loader
     from lowlabel.data.cohort import cache, resolve_dataset, resolve_splits
     from lowlabel.data.transforms import index_foreground, preprocess
-    from lowlabel.device import Placement
     from lowlabel.engine.loop import set_learning_rate
     from lowlabel.engine.objectives import validate
-    from lowlabel.engine.runtime import Runtime, prepare_model, seed_everything, set_threads
+    from lowlabel.engine.runtime import cpu_runtime, prepare_model, seed_everything, set_threads
     from lowlabel.models.unet import build_model
 
     cfg = from_dict(json.loads(cfg_json))
-    cpu = torch.device("cpu")
-
-    def cpu_runtime(cfg):
-        placement = Placement(cpu)
-        return Runtime(cfg, placement, placement.scaler())
     if kind != "baseline":
         set_threads(cfg.train.threads, cfg.train.workers)  # the baseline keeps torch's default
     seed_everything(cfg.seed)

@@ -155,7 +155,17 @@ def test_ctrl_c_stops_train_with_exit_130_and_says_how_to_resume(tmp_path):
     assert done.stdout == ""
 
 
-def test_ctrl_c_stops_a_study_with_exit_130_and_no_worker_traceback(tmp_path):
+@pytest.mark.parametrize(
+    "sig, group",
+    [(signal.SIGINT, True), (signal.SIGTERM, False)],
+    ids=["ctrl-c to the group", "sigterm to the study alone"],
+)
+def test_ctrl_c_or_sigterm_stops_a_study_with_exit_130_and_no_worker_traceback(
+    tmp_path, sig, group
+):
+    """Ctrl-C reaches the whole process group; ``kill PID`` (SIGTERM) reaches the study process
+    alone, and used to leave its two workers running without a parent (the study never exited).
+    Both now stop the workers, each run resumable."""
     from helpers import write_study
 
     data = make_tiny_dataset(tmp_path / "data", n=4, shape=(24, 24, 24))
@@ -172,38 +182,10 @@ def test_ctrl_c_stops_a_study_with_exit_130_and_no_worker_traceback(tmp_path):
     path = write_study(tmp_path / "tiny.yaml", data, base=base)
     study_dir = tmp_path / "study"
     cmd = ["study", str(path), "--out", str(study_dir), "--jobs", "2", "--quiet"]
-    done = _interrupt(cmd, lambda: _logged(study_dir))
+    done = _interrupt(cmd, lambda: _logged(study_dir), sig=sig, group=group)
     assert done.returncode == 130, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     assert "leaked" not in done.stderr  # the worker pool was shut down, not abandoned
-    assert done.stderr.strip().splitlines() == [
-        "interrupted; rerun the same study command to continue"
-    ]
-
-
-def test_sigterm_stops_a_study_and_its_workers(tmp_path):
-    """``kill PID`` on the study process alone (no signal reaches its workers) used to end the
-    study and leave its two worker processes running without a parent; it now stops them as
-    Ctrl-C does, each run resumable."""
-    from helpers import write_study
-
-    data = make_tiny_dataset(tmp_path / "data", n=4, shape=(24, 24, 24))
-    base = {
-        "data.dataset": str(data),
-        "data.patch_size": [16, 16, 16],
-        "data.n_test": 1,
-        "data.n_val": 1,
-        "model.channels": 4,
-        "train.steps": 100000,
-        "train.val_every": 1,
-        "train.threads": 1,
-    }
-    path = write_study(tmp_path / "tiny.yaml", data, base=base)
-    study_dir = tmp_path / "study"
-    cmd = ["study", str(path), "--out", str(study_dir), "--jobs", "2", "--quiet"]
-    done = _interrupt(cmd, lambda: _logged(study_dir), sig=signal.SIGTERM, group=False)
-    assert done.returncode == 130, done.stderr
-    assert "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines() == [
         "interrupted; rerun the same study command to continue"
     ]

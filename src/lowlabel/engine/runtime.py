@@ -143,7 +143,12 @@ def runtime(cfg: RunConfig) -> Runtime:
     return Runtime(cfg, placement, placement.scaler())
 
 
+def cpu_runtime(cfg: RunConfig) -> Runtime:
+    """A :class:`Runtime` on the CPU, without setting threads (for benchmarks)."""
+    placement = Placement(torch.device("cpu"))
+    return Runtime(cfg, placement, placement.scaler())
+
+
 def prepare_model(model: nn.Module, cfg: RunConfig) -> nn.Module:
     """:meth:`Runtime.prepare` on the CPU without setting threads (for benchmarks)."""
-    placement = Placement(torch.device("cpu"))
-    return Runtime(cfg, placement, placement.scaler()).prepare(model)
+    return cpu_runtime(cfg).prepare(model)

@@ -269,35 +269,33 @@ def _stop_once(signum, frame) -> None:
 
 
 @contextlib.contextmanager
-def _signals_ignored(*signums: int) -> Iterator[None]:
-    """Ignore these signals for the duration (in the main thread; elsewhere they cannot be set).
+def _signals_handled(handler, *signums: int) -> Iterator[None]:
+    """Handle these signals with ``handler`` for the duration (in the main thread; elsewhere
+    they cannot be set), then restore what was there."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {n: signal.signal(n, handler) for n in signums}
+    try:
+        yield
+    finally:
+        for n, old in previous.items():
+            signal.signal(n, old)
+
+
+def _signals_ignored(*signums: int) -> contextlib.AbstractContextManager[None]:
+    """Ignore these signals for the duration.
 
     A process spawned meanwhile starts ignoring them too: Python installs its KeyboardInterrupt
     handler only over SIGINT's default action.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {n: signal.signal(n, signal.SIG_IGN) for n in signums}
-    try:
-        yield
-    finally:
-        for n, handler in previous.items():
-            signal.signal(n, handler)
+    return _signals_handled(signal.SIG_IGN, *signums)
 
 
 def _interrupt(signum, frame) -> None:
+    """SIGTERM (``kill PID``, a batch scheduler's notice) taken as Ctrl-C while a study runs: its
+    workers are stopped and each run stays resumable, instead of running on without a parent."""
     raise KeyboardInterrupt
-
-
-def _term_as_interrupt():
-    """Treat SIGTERM (``kill PID``, a batch scheduler's notice) like Ctrl-C while the study
-    runs: its workers are stopped, each run resumable, instead of being left running without
-    their parent. Returns the previous handler (None where it cannot be set: not the main
-    thread)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, _interrupt)
 
 
 def _local_run_cell(kind: str, config: dict, threads: int) -> dict:
@@ -679,7 +677,8 @@ def run_study(
         return state
 
     running: dict[cf.Future, Cell] = {}
-    previous_term = _term_as_interrupt()
+    term = contextlib.ExitStack()
+    term.enter_context(_signals_handled(_interrupt, signal.SIGTERM))
     try:
         while waiting or running:
             # pretraining first, then transfer runs whose checkpoint is ready, then the rest
@@ -734,8 +733,7 @@ def run_study(
     else:
         exe.close()
     finally:
-        if previous_term is not None:
-            signal.signal(signal.SIGTERM, previous_term)
+        term.close()
         bar.close()
         final = [by_key[c.key] for c in cells]
         write_text(study_dir / "plan.json", plan_json(study, profile, final))
