@@ -225,6 +225,59 @@ def test_evaluate_with_tta_keeps_the_runs_own_evaluation(runs, monkeypatch, caps
     assert evaluation.read_bytes() == before
 
 
+def test_evaluate_of_one_run_twice_equals_the_run_and_keeps_its_files(runs, monkeypatch, capsys):
+    evaluation = runs["a"] / "evaluation.json"
+    before = evaluation.read_bytes()
+    code, out, err = cli(["evaluate", runs["a"], "--json", "-q"], monkeypatch, capsys)
+    assert code == 0, err
+    single = json.loads(out)
+    code, out, err = cli(["evaluate", runs["a"], runs["a"], "--json", "-q"], monkeypatch, capsys)
+    assert code == 0, err
+    double = json.loads(out)
+    assert double["n"] == single["n"] == 2
+    for key in ("mean_dice", "dice_csf", "dice_gm", "dice_wm"):
+        assert double[key] == pytest.approx(single[key], abs=1e-4)
+    assert evaluation.read_bytes() == before
+
+
+def test_evaluate_of_two_seeds_scores_the_averaged_prediction(runs, monkeypatch):
+    from lowlabel.engine import evaluate as evaluate_module
+    from lowlabel.engine.runs import evaluate_run
+
+    seen = []
+    real = evaluate_module.evaluate
+
+    def spy(model, cfg, subjects, out_dir=None, progress=True, tta=False):
+        seen.append((model, out_dir))
+        return real(model, cfg, subjects, out_dir, progress, tta)
+
+    monkeypatch.setattr("lowlabel.engine.runs.evaluate", spy)
+    summary = evaluate_run([runs["a"], runs["b"]], progress=False)
+    model, out_dir = seen[0]
+    assert isinstance(model, Ensemble) and len(model.members) == 2 and out_dir is None
+    assert 0.0 <= summary["mean_dice"] <= 1.0 and summary["n"] == 2
+
+
+def test_evaluate_of_runs_preprocessed_differently_is_refused(runs, monkeypatch, capsys):
+    code, _, err = cli(["evaluate", runs["a"], runs["coarse"], "-q"], monkeypatch, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1
+    assert lines[0].startswith(f"error: {runs['coarse']}: its preprocessing differs")
+
+
+def test_evaluate_of_runs_with_other_test_splits_is_refused(runs, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(runs["b"], other)
+    split = json.loads((other / "splits.json").read_text())
+    split["test"] = split["test"][:1]
+    (other / "splits.json").write_text(json.dumps(split))
+    code, _, err = cli(["evaluate", runs["a"], other, "-q"], monkeypatch, capsys)
+    assert code == 2 and f"error: {other}: its test split differs" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 # --- the merged pipeline: TTA and ensembles in segment and bids, MONAI bundle export --------------
 
 

@@ -176,7 +176,7 @@ def _trained_on(runs: list[Path]) -> dict:
     return {"source": splits[0].get("source"), "train": list(dict.fromkeys(train))}
 
 
-def _check_alike(runs: list[Path], configs: list[RunConfig]) -> None:
+def check_alike(runs: list[Path], configs: list[RunConfig]) -> None:
     """Refuse an ensemble of runs that preprocess scans differently or differ in network."""
     first = configs[0]
     for run, cfg in zip(runs[1:], configs[1:], strict=True):
@@ -228,7 +228,7 @@ def export(
     if model_dir.exists() and (not model_dir.is_dir() or any(model_dir.iterdir())):
         raise LowlabelError(f"{model_dir}: exists and is not an empty folder; choose a new folder")
     members = [_member(run, allow_unfinished) for run in runs]
-    _check_alike(runs, [m[0] for m in members])
+    check_alike(runs, [m[0] for m in members])
     cfg, model, first = members[0]
     ensemble = len(members) > 1
     info = {

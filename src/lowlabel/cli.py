@@ -226,9 +226,16 @@ def _print_result(result) -> None:
     typer.echo(line)
 
 
-@app.command(short_help="Evaluate a run: Dice, HD95, volume error.")
+@app.command(short_help="Evaluate a run (or an ensemble of runs): Dice, HD95, volume error.")
 def evaluate(
-    run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
+    run_dirs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="A finished run folder; several are evaluated as one ensemble (probabilities "
+            "averaged, as 'lowlabel export' of the same runs would predict).",
+            show_default=False,
+        ),
+    ],
     data: Annotated[
         str | None,
         typer.Option(
@@ -245,13 +252,21 @@ def evaluate(
 ) -> None:
     """Evaluate a run's best weights at native resolution (Dice, HD95, volume error).
 
-    With --tta the figures are printed only; the run's evaluation files keep the plain ones.
+    With --tta, or several runs, the figures are printed only; the run's evaluation files keep
+    the plain ones.
     """
-    _must_exist(run_dir, "run folder not found; give a folder that 'lowlabel train' wrote")
+    for run_dir in run_dirs:
+        _must_exist(run_dir, "run folder not found; give a folder that 'lowlabel train' wrote")
     _must_exist(data, NO_DATASET)
     from lowlabel.engine.runs import evaluate_run
 
-    summary = evaluate_run(run_dir, data, progress=not quiet, device=device or "auto", tta=tta)
+    summary = evaluate_run(
+        run_dirs[0] if len(run_dirs) == 1 else run_dirs,
+        data,
+        progress=not quiet,
+        device=device or "auto",
+        tta=tta,
+    )
     if as_json:
         typer.echo(
             json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()})

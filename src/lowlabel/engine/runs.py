@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -49,7 +51,7 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, nn.Module]:
 
 
 def evaluate_run(
-    run_dir: str | Path,
+    run_dir: str | Path | Sequence[str | Path],
     data: str | None = None,
     progress: bool = True,
     device: str = "auto",
@@ -58,36 +60,60 @@ def evaluate_run(
     """Re-evaluate a run on its test split, or on every subject of another dataset, on
     ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``; whichever device the run trained on).
 
-    The test split's evaluation files in the run folder are rewritten, except with ``tta``
-    (test-time augmentation by flips), whose figures are only returned.
+    Several run folders are evaluated as one ensemble (class probabilities averaged, as a bundle
+    exported from them predicts); they must preprocess alike, have the same network and, without
+    ``data``, the same test split. The test split's evaluation files in the run folder are
+    rewritten for a single run without ``tta`` (test-time augmentation by flips); otherwise
+    the figures are only returned.
 
     Raises:
-        LowlabelError: not a finished run, a damaged split, or a CUDA device that is not there.
+        LowlabelError: not a finished run, a damaged split, runs that cannot form an ensemble,
+            or a CUDA device that is not there.
     """
+    from lowlabel.bundle import check_alike
+    from lowlabel.engine.inference import Ensemble
+
     Placement.of(device, key="--device")  # a bad or missing device, named as the option
-    run_dir = Path(run_dir)
-    cfg, model = load_run(run_dir)
-    cfg = cfg.replace(**{"train.device": device})  # how it runs, not which run it is
+    many = not isinstance(run_dir, (str, os.PathLike))
+    runs = [Path(r) for r in run_dir] if many else [Path(run_dir)]
+    if not runs:
+        raise LowlabelError("evaluate: give at least one run folder")
+    loaded = [load_run(run) for run in runs]
+    check_alike(runs, [cfg for cfg, _ in loaded])
+    cfg = loaded[0][0].replace(**{"train.device": device})  # how it runs, not which run it is
+    model = loaded[0][1] if len(runs) == 1 else Ensemble([net for _, net in loaded])
     # the thread policy of training, so evaluation runs as it did inside training
     runtime(cfg).place(model)
     if data is None:
-        split_path = run_dir / SPLITS
-        try:
-            split = json.loads(split_path.read_text())
-            source, test = split["source"], list(split["test"])
-        except (OSError, ValueError, KeyError, TypeError):
-            raise LowlabelError(
-                f"{split_path}: missing or damaged; evaluate with --data DATASET instead"
-            ) from None
+        source, test = _test_split(runs[0])
+        for run in runs[1:]:
+            if _test_split(run) != (source, test):
+                raise LowlabelError(
+                    f"{run}: its test split differs from that of {runs[0]}; evaluate an "
+                    "ensemble of runs of one split, or all of them with --data DATASET"
+                )
         ds = load_dataset(source)
         gone = sorted(set(test) - set(ds.ids))
         if gone:
             raise LowlabelError(
-                f"{source}: test subjects {gone[:5]} of {split_path} are no "
+                f"{source}: test subjects {gone[:5]} of {runs[0] / SPLITS} are no "
                 "longer in the dataset; evaluate with --data DATASET instead"
             )
-        subjects, out = ds.by_id(test), None if tta else run_dir
+        subjects = ds.by_id(test)
+        out = runs[0] if len(runs) == 1 and not tta else None
     else:
         ds = load_dataset(data)
         subjects, out = ds.subjects, None
     return evaluate(model, cfg, subjects, out, progress, tta)["summary"]
+
+
+def _test_split(run_dir: Path) -> tuple[str, list[str]]:
+    """The dataset and test subjects in a run's ``splits.json``."""
+    split_path = run_dir / SPLITS
+    try:
+        split = json.loads(split_path.read_text())
+        return split["source"], list(split["test"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise LowlabelError(
+            f"{split_path}: missing or damaged; evaluate with --data DATASET instead"
+        ) from None
