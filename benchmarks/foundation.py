@@ -117,9 +117,11 @@ def launch(name: str, args: argparse.Namespace) -> subprocess.Popen:
     return subprocess.Popen(cmd)
 
 
-def train_all(names: list[str], args: argparse.Namespace) -> dict[str, list]:
-    """Train the arms not yet finished, ``args.jobs`` at a time; the load average around each."""
-    loads: dict[str, list] = {}
+def train_all(names: list[str], args: argparse.Namespace) -> dict[str, dict]:
+    """Train the arms not yet finished, ``args.jobs`` at a time. Per arm: the load average
+    before and after, and the CPU seconds of its process and its loader workers (user + system,
+    training, validation and test evaluation), which do not depend on what else ran."""
+    measured: dict[str, dict] = {}
     queue = [n for n in names if not finished(n, args)]
     running: dict[str, tuple[subprocess.Popen, list]] = {}
     while queue or running:
@@ -128,13 +130,17 @@ def train_all(names: list[str], args: argparse.Namespace) -> dict[str, list]:
             running[name] = (launch(name, args), load_average())
         time.sleep(5)
         for name, (proc, before) in list(running.items()):
-            if proc.poll() is None:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid == 0:
                 continue
-            if proc.returncode != 0:
-                sys.exit(f"arm {name} failed with status {proc.returncode}")
-            loads[name] = [before, load_average()]
+            if os.waitstatus_to_exitcode(status) != 0:
+                sys.exit(f"arm {name} failed with status {os.waitstatus_to_exitcode(status)}")
+            measured[name] = {
+                "load_average_before_after": [before, load_average()],
+                "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
+            }
             del running[name]
-    return loads
+    return measured
 
 
 def collect(name: str, args: argparse.Namespace) -> dict:
@@ -192,6 +198,8 @@ def predict(name: str, results: dict) -> dict:
     row = {"members": members, "tta": tta, "n_labelled": 3}
     row.update({k: round(summary[k], 4) for k in METRICS})
     row["train_seconds"] = round(sum(results[m]["train_seconds"] for m in members), 1)
+    if all(results[m].get("cpu_seconds") for m in members):
+        row["cpu_seconds"] = round(sum(results[m]["cpu_seconds"] for m in members), 1)
     row["evaluate_seconds_per_scan"] = round(seconds / summary["n"], 1)
     return row
 
@@ -207,7 +215,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "work" / "foundation")
-    parser.add_argument("--minutes", type=float, default=30.0, help="training budget per run")
+    parser.add_argument(
+        "--minutes", type=float, default=30.0, help="wall-clock training budget per run (0: none)"
+    )
     parser.add_argument(
         "--steps",
         type=int,
@@ -253,13 +263,13 @@ def main() -> None:
     )
     # The arms run side by side, one process per arm with `--threads` torch threads each
     # (on 2 cores, 2 processes x 1 thread beat 1 x 2), each within the same training budget.
-    loads = train_all(names, args)
+    measured = train_all(names, args)
     for name in names:
         row = collect(name, args)
         # other jobs shared the machine when the load average exceeds the core count
-        row["load_average_before_after"] = loads.get(
-            name, (results.get(name) or {}).get("load_average_before_after")
-        )
+        earlier = results.get(name) or {}
+        for key in ("load_average_before_after", "cpu_seconds"):
+            row[key] = measured.get(name, {}).get(key, earlier.get(key))
         results[name] = row
         print(name, json.dumps(row))
     work = args.out / "bundles"
