@@ -34,7 +34,7 @@ from lowlabel import checkpoint, run_folder
 from lowlabel.atomic import atomic_dir, write_json, write_text
 from lowlabel.config import RunConfig, dump_yaml, from_dict, to_dict
 from lowlabel.data.io import LABEL_NAMES
-from lowlabel.data.transforms import AXCODES, patch_shape
+from lowlabel.data.transforms import preprocessing_parameters
 from lowlabel.errors import LowlabelError
 
 log = logging.getLogger(__name__)
@@ -53,27 +53,6 @@ class Bundle:
     cfg: RunConfig
     model: nn.Module
     info: dict
-
-
-def preprocessing_parameters(cfg: RunConfig) -> dict:
-    """What the preprocessing factory does with this config, for readers of ``bundle.json``."""
-    d = cfg.data
-    return {
-        "orientation": AXCODES,
-        "spacing_mm": list(d.spacing),
-        "image_interpolation": "bilinear",
-        "crop": "foreground (image != 0), margin 2 voxels",
-        "intensity": "z-score over nonzero voxels",
-        "spatial_dims": d.spatial_dims,
-        "window": list(patch_shape(d)),
-        "sliding_window": {
-            "overlap": cfg.train.sw_overlap,
-            "batch_size": cfg.train.sw_batch_size,
-            "mode": "gaussian",
-            "precision": cfg.train.precision,
-        },
-        "label_map": {str(k): v for k, v in d.label_map.items()} if d.label_map else None,
-    }
 
 
 def _read_json(path: Path) -> dict | None:
@@ -176,23 +155,6 @@ def _trained_on(runs: list[Path]) -> dict:
     return {"source": splits[0].get("source"), "train": list(dict.fromkeys(train))}
 
 
-def check_alike(runs: list[Path], configs: list[RunConfig]) -> None:
-    """Refuse an ensemble of runs that preprocess scans differently or differ in network."""
-    first = configs[0]
-    for run, cfg in zip(runs[1:], configs[1:], strict=True):
-        for what, mine, theirs in (
-            ("preprocessing", preprocessing_parameters(cfg), preprocessing_parameters(first)),
-            ("network", to_dict(cfg.model), to_dict(first.model)),
-        ):
-            keys = [k for k in mine if mine[k] != theirs[k]]
-            if keys:
-                raise LowlabelError(
-                    f"{run}: its {what} differs from that of {runs[0]} ({keys[0]}: "
-                    f"{mine[keys[0]]} vs {theirs[keys[0]]}); an ensemble needs runs with the "
-                    f"same {what}"
-                )
-
-
 def export(
     run_dir: str | Path | Sequence[str | Path],
     model_dir: str | Path,
@@ -217,6 +179,7 @@ def export(
             is not empty.
     """
     from lowlabel.engine.inference import Ensemble
+    from lowlabel.engine.runs import check_alike
     from lowlabel.provenance import provenance
     from lowlabel.qc import reference_for_run
 

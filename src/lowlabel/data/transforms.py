@@ -42,7 +42,7 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_dst_type
 
-from lowlabel.config import AugmentConfig, DataConfig
+from lowlabel.config import AugmentConfig, DataConfig, RunConfig
 from lowlabel.data.datasets import check_same_grid, remap_labels
 from lowlabel.data.io import read_nifti
 
@@ -455,3 +455,24 @@ def thick_slices(image: torch.Tensor, axis: int, factor: float) -> torch.Tensor:
     rows = F.interpolate(rows, size=length, mode="linear", align_corners=True)
     out = rows.reshape(shape).movedim(-1, axis + 1).contiguous()
     return convert_to_dst_type(out, image)[0]
+
+
+def preprocessing_parameters(cfg: RunConfig) -> dict:
+    """What the preprocessing factory does with this config, for readers of ``bundle.json``."""
+    d = cfg.data
+    return {
+        "orientation": AXCODES,
+        "spacing_mm": list(d.spacing),
+        "image_interpolation": "bilinear",
+        "crop": "foreground (image != 0), margin 2 voxels",
+        "intensity": "z-score over nonzero voxels",
+        "spatial_dims": d.spatial_dims,
+        "window": list(patch_shape(d)),
+        "sliding_window": {
+            "overlap": cfg.train.sw_overlap,
+            "batch_size": cfg.train.sw_batch_size,
+            "mode": "gaussian",
+            "precision": cfg.train.precision,
+        },
+        "label_map": {str(k): v for k, v in d.label_map.items()} if d.label_map else None,
+    }

@@ -11,10 +11,12 @@ import yaml
 from torch import nn
 
 from lowlabel import checkpoint
-from lowlabel.config import RunConfig, from_dict
+from lowlabel.config import RunConfig, from_dict, to_dict
 from lowlabel.data.datasets import load_dataset
+from lowlabel.data.transforms import preprocessing_parameters
 from lowlabel.device import Placement
 from lowlabel.engine.evaluate import evaluate
+from lowlabel.engine.inference import Ensemble
 from lowlabel.engine.runtime import runtime
 from lowlabel.errors import LowlabelError
 from lowlabel.models.unet import build_model
@@ -50,6 +52,23 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, nn.Module]:
     return cfg, model
 
 
+def check_alike(runs: list[Path], configs: list[RunConfig]) -> None:
+    """Refuse an ensemble of runs that preprocess scans differently or differ in network."""
+    first = configs[0]
+    for run, cfg in zip(runs[1:], configs[1:], strict=True):
+        for what, mine, theirs in (
+            ("preprocessing", preprocessing_parameters(cfg), preprocessing_parameters(first)),
+            ("network", to_dict(cfg.model), to_dict(first.model)),
+        ):
+            keys = [k for k in mine if mine[k] != theirs[k]]
+            if keys:
+                raise LowlabelError(
+                    f"{run}: its {what} differs from that of {runs[0]} ({keys[0]}: "
+                    f"{mine[keys[0]]} vs {theirs[keys[0]]}); an ensemble needs runs with the "
+                    f"same {what}"
+                )
+
+
 def evaluate_run(
     run_dir: str | Path | Sequence[str | Path],
     data: str | None = None,
@@ -70,9 +89,6 @@ def evaluate_run(
         LowlabelError: not a finished run, a damaged split, runs that cannot form an ensemble,
             or a CUDA device that is not there.
     """
-    from lowlabel.bundle import check_alike
-    from lowlabel.engine.inference import Ensemble
-
     Placement.of(device, key="--device")  # a bad or missing device, named as the option
     many = not isinstance(run_dir, (str, os.PathLike))
     runs = [Path(r) for r in run_dir] if many else [Path(run_dir)]
