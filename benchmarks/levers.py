@@ -121,16 +121,24 @@ def main() -> None:
     if args.dry_run:  # a few steps per run, rescaled so that "twice the steps" stays twice
         quick = dict(study.profiles["quick"], scale=0.002, min_train_steps=4)
         study = dataclasses.replace(study, profiles={**study.profiles, "quick": quick})
-    outcome = run_study(
-        study,
-        args.profile,
-        data,
-        args.out,
-        jobs=args.jobs,
-        seeds=seeds,
-        overrides=overrides,
-        progress=False,
-    )
+    try:
+        outcome = run_study(
+            study,
+            args.profile,
+            data,
+            args.out,
+            jobs=args.jobs,
+            seeds=seeds,
+            overrides=overrides,
+            progress=False,
+        )
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: the finished runs in {args.out} are kept; rerun the same command to "
+            "go on",
+            file=sys.stderr,
+        )
+        sys.exit(130)
     study_seconds = time.perf_counter() - t0
     plan, runs = load_runs(args.out)
     levels = list(study.axes["lever"])
