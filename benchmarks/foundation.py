@@ -7,7 +7,9 @@ a wall-clock training budget at one thread (so its minutes are CPU-minutes), two
 - ``low_seed1``, ``low_seed2``: the same 3 subjects, seeds 1 and 2 (initialisation, patches,
   augmentation): with ``low``, the members of the ensemble;
 - ``full``: every training subject (``data.budget=0``);
-- ``low_noaug`` (on request): ``low`` without augmentation.
+- ``low_noaug`` (on request): ``low`` without augmentation;
+- ``low_dynunet`` (on request): ``low`` with MONAI's DynUNet (nnU-Net's network) of the same
+  levels and widths.
 
 Then prediction only, on the same test scans at their native resolution:
 
@@ -62,6 +64,7 @@ ARMS = {
     "low_seed2": {"data.budget": 3, "seed": 2},
     "full": {"data.budget": 0},
     "low_noaug": {"data.budget": 3, "augment.enabled": False},
+    "low_dynunet": {"data.budget": 3, "model.name": "dynunet"},
 }
 
 PREDICTIONS = {  # name: (members, tta)
