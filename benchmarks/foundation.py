@@ -277,9 +277,10 @@ def main() -> None:
         print(name, json.dumps(row))
     work = args.out / "bundles"
     work.mkdir(parents=True, exist_ok=True)
-    scan = first_test_scan(Path(results[names[0]]["run_dir"]))
-    plain = segment_seconds([Path(results["low"]["run_dir"])], False, scan, work)
-    results["segment_seconds_one_scan"] = {"scan": scan, "low": plain}
+    if predictions:
+        scan = first_test_scan(Path(results["low"]["run_dir"]))
+        plain = segment_seconds([Path(results["low"]["run_dir"])], False, scan, work)
+        results["segment_seconds_one_scan"] = {"scan": scan, "low": plain}
     for name in predictions:
         row = predict(name, results)
         members, tta = PREDICTIONS[name]
@@ -295,6 +296,9 @@ def main() -> None:
             "mean_dice_range": [min(singles), max(singles)],
         }
     results["load_average_at_end"] = load_average()
+    # another invocation (other arms) may have written meanwhile: keep its arms
+    if args.results.exists():
+        results = {**json.loads(args.results.read_text()), **results}
     write_json(args.results, results)
 
 
