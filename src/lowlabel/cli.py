@@ -69,7 +69,7 @@ DeviceOpt = Annotated[
 TtaOpt = Annotated[
     bool,
     typer.Option(
-        "--tta", help="Test-time augmentation: average over flipped copies (8x the work in 3D)."
+        "--tta", help="Test-time augmentation: average with the left-right mirror (2x the work)."
     ),
 ]
 

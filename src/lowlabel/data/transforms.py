@@ -47,6 +47,9 @@ from lowlabel.data.datasets import check_same_grid, remap_labels
 from lowlabel.data.io import read_nifti
 
 AXCODES = "RAS"
+FLIP_AXES = (0,)
+"""The spatial axes that training augmentation flips: left-right (RAS), the brain's symmetry;
+test-time augmentation mirrors the same axes and no others."""
 
 
 class LoadScand(MapTransform):
@@ -149,7 +152,7 @@ def augment(data: DataConfig, aug: AugmentConfig) -> Compose:
     if aug.enabled:
         rot = np.deg2rad(aug.rotate_deg)
         chain += [
-            RandFlipd(keys, prob=aug.flip_prob, spatial_axis=0),
+            RandFlipd(keys, prob=aug.flip_prob, spatial_axis=FLIP_AXES),
             RandAffined(
                 keys,
                 prob=aug.affine_prob,
