@@ -9,14 +9,16 @@ a wall-clock training budget at one thread (so its minutes are CPU-minutes), two
 - ``full``: every training subject (``data.budget=0``);
 - ``low_noaug`` (on request): ``low`` without augmentation;
 - ``low_dynunet`` (on request): ``low`` with MONAI's DynUNet (nnU-Net's network) of the same
-  levels and widths.
+  levels and widths, within 30 wall-minutes whatever ``--minutes`` says (a step costs about
+  five times the UNet's).
 
 Then prediction only, on the same test scans at their native resolution:
 
-- ``tta``: ``low`` with test-time augmentation (8 flips);
+- ``tta``: ``low`` with test-time augmentation (its left-right mirror);
 - ``ensemble``: ``low``, ``low_seed1`` and ``low_seed2`` as one model (probabilities averaged;
   still 3 labelled subjects, three times the training);
-- ``ensemble_tta``: both.
+- ``ensemble_tta``: both;
+- ``dynunet_tta`` (on request): ``low_dynunet`` with TTA.
 
 Each is also timed as ``lowlabel segment`` of one exported bundle on one test scan, in its own
 process (start-up, loading and saving included), as ``benchmarks/segment.py`` times a plain model.
@@ -64,13 +66,14 @@ ARMS = {
     "low_seed2": {"data.budget": 3, "seed": 2},
     "full": {"data.budget": 0},
     "low_noaug": {"data.budget": 3, "augment.enabled": False},
-    "low_dynunet": {"data.budget": 3, "model.name": "dynunet"},
+    "low_dynunet": {"data.budget": 3, "model.name": "dynunet", "train.max_minutes": 30.0},
 }
 
 PREDICTIONS = {  # name: (members, tta)
     "tta": (["low"], True),
     "ensemble": (["low", "low_seed1", "low_seed2"], False),
     "ensemble_tta": (["low", "low_seed1", "low_seed2"], True),
+    "dynunet_tta": (["low_dynunet"], True),
 }
 
 METRICS = ("mean_dice", "dice_csf", "dice_gm", "dice_wm", "hd95_mean")
@@ -81,16 +84,9 @@ def load_average() -> list[float]:
 
 
 def arm_settings(name: str, args: argparse.Namespace) -> dict:
-    return dict(
-        SETTINGS,
-        **ARMS[name],
-        **{
-            "name": name,
-            "train.threads": args.threads,
-            "train.max_minutes": args.minutes,
-            "train.steps": args.steps,
-        },
-    )
+    budget = {"train.max_minutes": args.minutes, "train.steps": args.steps}
+    # an arm may carry its own budget (a slower network gets CPU-minutes, not steps)
+    return {**SETTINGS, **budget, **ARMS[name], "name": name, "train.threads": args.threads}
 
 
 def arm_config(name: str, args: argparse.Namespace):
