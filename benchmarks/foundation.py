@@ -192,7 +192,7 @@ def predict(name: str, results: dict) -> dict:
     members, tta = PREDICTIONS[name]
     folders = [Path(results[m]["run_dir"]) for m in members]
     t0 = time.perf_counter()
-    summary = evaluate_run(folders if len(folders) > 1 else folders[0], progress=False, tta=tta)
+    summary = evaluate_run(folders, progress=False, tta=tta)
     seconds = time.perf_counter() - t0
     row = {"members": members, "tta": tta, "n_labelled": 3}
     row.update({k: round(summary[k], 4) for k in METRICS})

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -179,14 +178,11 @@ def export(
             is not empty.
     """
     from lowlabel.engine.inference import Ensemble
-    from lowlabel.engine.runs import check_alike
+    from lowlabel.engine.runs import check_alike, run_folders
     from lowlabel.provenance import provenance
     from lowlabel.qc import reference_for_run
 
-    many = not isinstance(run_dir, (str, os.PathLike))
-    runs = [Path(r) for r in run_dir] if many else [Path(run_dir)]
-    if not runs:
-        raise LowlabelError("export: give at least one run folder")
+    runs = run_folders(run_dir, "export")
     model_dir = Path(model_dir)
     if model_dir.exists() and (not model_dir.is_dir() or any(model_dir.iterdir())):
         raise LowlabelError(f"{model_dir}: exists and is not an empty folder; choose a new folder")

@@ -260,13 +260,7 @@ def evaluate(
     _must_exist(data, NO_DATASET)
     from lowlabel.engine.runs import evaluate_run
 
-    summary = evaluate_run(
-        run_dirs[0] if len(run_dirs) == 1 else run_dirs,
-        data,
-        progress=not quiet,
-        device=device or "auto",
-        tta=tta,
-    )
+    summary = evaluate_run(run_dirs, data, progress=not quiet, device=device or "auto", tta=tta)
     if as_json:
         typer.echo(
             json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()})

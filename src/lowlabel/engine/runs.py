@@ -52,6 +52,19 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, nn.Module]:
     return cfg, model
 
 
+def run_folders(run_dir: str | Path | Sequence[str | Path], command: str) -> list[Path]:
+    """One run folder or several, as a list (several make an ensemble).
+
+    Raises:
+        LowlabelError: an empty sequence.
+    """
+    many = not isinstance(run_dir, (str, os.PathLike))
+    runs = [Path(r) for r in run_dir] if many else [Path(run_dir)]
+    if not runs:
+        raise LowlabelError(f"{command}: give at least one run folder")
+    return runs
+
+
 def check_alike(runs: list[Path], configs: list[RunConfig]) -> None:
     """Refuse an ensemble of runs that preprocess scans differently or differ in network."""
     first = configs[0]
@@ -90,10 +103,7 @@ def evaluate_run(
             or a CUDA device that is not there.
     """
     Placement.of(device, key="--device")  # a bad or missing device, named as the option
-    many = not isinstance(run_dir, (str, os.PathLike))
-    runs = [Path(r) for r in run_dir] if many else [Path(run_dir)]
-    if not runs:
-        raise LowlabelError("evaluate: give at least one run folder")
+    runs = run_folders(run_dir, "evaluate")
     loaded = [load_run(run) for run in runs]
     check_alike(runs, [cfg for cfg, _ in loaded])
     cfg = loaded[0][0].replace(**{"train.device": device})  # how it runs, not which run it is
