@@ -79,6 +79,17 @@ def tta_arm(runs: list, lever: str = "default") -> dict:
     }
 
 
+def default_cell_config(runs: list) -> dict | None:
+    """The model, loss and train sections of a finished run of the 'default' lever."""
+    import yaml
+
+    for run in runs:
+        if run.result is not None and run.labels.get("levers", {}).get("lever") == "default":
+            config = yaml.safe_load((run.folder / "config.yaml").read_text())
+            return {k: config[k] for k in ("model", "loss", "train")}
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -89,6 +100,11 @@ def main() -> None:
         "--seeds", default="", help="comma-separated seeds (default: the profile's)"
     )
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--collect-only",
+        action="store_true",
+        help="train nothing: the figures of the runs finished in --out (a study cut short)",
+    )
     parser.add_argument(
         "--dry-run",
         action="store_true",
@@ -121,17 +137,19 @@ def main() -> None:
     if args.dry_run:  # a few steps per run, rescaled so that "twice the steps" stays twice
         quick = dict(study.profiles["quick"], scale=0.002, min_train_steps=4)
         study = dataclasses.replace(study, profiles={**study.profiles, "quick": quick})
+    outcome = None
     try:
-        outcome = run_study(
-            study,
-            args.profile,
-            data,
-            args.out,
-            jobs=args.jobs,
-            seeds=seeds,
-            overrides=overrides,
-            progress=False,
-        )
+        if not args.collect_only:
+            outcome = run_study(
+                study,
+                args.profile,
+                data,
+                args.out,
+                jobs=args.jobs,
+                seeds=seeds,
+                overrides=overrides,
+                progress=False,
+            )
     except KeyboardInterrupt:
         print(
             f"interrupted: the finished runs in {args.out} are kept; rerun the same command to "
@@ -141,6 +159,7 @@ def main() -> None:
         sys.exit(130)
     study_seconds = time.perf_counter() - t0
     plan, runs = load_runs(args.out)
+    finished = sum(r.result is not None for r in runs)
     levels = list(study.axes["lever"])
     per_lever: dict[str, dict] = {}
     for run in runs:
@@ -179,23 +198,35 @@ def main() -> None:
         "study_dir": str(args.out),
         "overrides": overrides,
         "profile_scale": study.profiles[args.profile].get("scale"),
-        "runs": outcome.runs,
-        "ran_now": outcome.ran,
-        "skipped_finished": outcome.skipped,
-        "failed": outcome.failed,
-        "study_wall_seconds": round(study_seconds, 1),
+        "runs": len(runs),
+        "finished_runs": finished,
+        "ran_now": outcome.ran if outcome else 0,
+        "skipped_finished": outcome.skipped if outcome else finished,
+        "failed": outcome.failed if outcome else None,
+        "study_wall_seconds": round(study_seconds, 1) if outcome else None,
+        "study_wall_seconds_covers": (
+            "nothing: --collect-only read the runs finished earlier"
+            if outcome is None
+            else "every run"
+            if not outcome.skipped
+            else f"the {outcome.ran} runs this invocation ran; {outcome.skipped} had finished in "
+            "earlier invocations (train_seconds_all_runs covers them all)"
+        ),
         "train_seconds_all_runs": round(
             sum(r.result["train_seconds"] for r in runs if r.result is not None), 1
         ),
         "tta_wall_seconds": round(time.perf_counter() - t1, 1),
         "levels": levels,
+        # what the 'default' cell trained: lowlabel train's defaults when the screen ran, with
+        # the profile's settings on top (a later change of defaults leaves these figures alone)
+        "default_cell_config": default_cell_config(runs),
         "comparisons": [difference(d) for d in comparisons(plan, runs)],
         "tta": tta,
         "per_lever": lever_rows,
     }
     args.results.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.results, results)
-    print(json.dumps({k: results[k] for k in ("study_wall_seconds", "runs", "failed")}))
+    print(json.dumps({k: results[k] for k in ("study_wall_seconds", "runs", "finished_runs")}))
     print(f"wrote {args.results}")
 
 
