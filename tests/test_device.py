@@ -133,13 +133,28 @@ def test_old_bf16_configs_load_with_a_message(tmp_path, caplog):
 
 def test_run_folders_keep_their_names():
     # the hashes of the version before train.precision existed: old runs are found and resumed
-    assert config_hash(load_config(None, {})) == "a337aef2"
-    assert config_hash(load_config(None, {"train.bf16": True})) == "83d46813"
-    assert config_hash(load_config(None, {"train.precision": "bf16"})) == "83d46813"
-    assert config_hash(load_config(None, {"model.levels": 3})) == "e05ebbd8"
+    # (with the defaults of that time, 16 channels and the poly schedule, set explicitly)
+    old = {"model.channels": 16, "train.schedule": "poly"}
+    assert config_hash(load_config(None, old)) == "a337aef2"
+    assert config_hash(load_config(None, {**old, "train.bf16": True})) == "83d46813"
+    assert config_hash(load_config(None, {**old, "train.precision": "bf16"})) == "83d46813"
+    assert config_hash(load_config(None, {**old, "model.levels": 3})) == "e05ebbd8"
     # fp16 and an explicit fp32 change numerics everywhere: runs of their own
-    assert config_hash(load_config(None, {"train.precision": "fp16"})) != "a337aef2"
-    assert config_hash(load_config(None, {"train.precision": "fp32"})) != "a337aef2"
+    assert config_hash(load_config(None, {**old, "train.precision": "fp16"})) != "a337aef2"
+    assert config_hash(load_config(None, {**old, "train.precision": "fp32"})) != "a337aef2"
+    # new defaults are new runs
+    assert config_hash(load_config(None, {})) != "a337aef2"
+
+
+def test_pretraining_folders_survive_a_change_of_the_schedule_default():
+    """A pretraining run ignores train.schedule, so the change of its default (poly to
+    constant) must not rename pretraining folders made before it: these are their names."""
+    pretrain = {"model.channels": 16, "pretrain.method": "autoencoder", "model.levels": 6}
+    assert config_hash(load_config(None, {"model.channels": 16}), "pretrain") == "a337aef2"
+    assert config_hash(load_config(None, pretrain), "pretrain") == "10e0cb0b"
+    for schedule in ("poly", "constant"):
+        cfg = load_config(None, {**pretrain, "train.schedule": schedule})
+        assert config_hash(cfg, "pretrain") == "10e0cb0b"
 
 
 @pytest.mark.parametrize(
