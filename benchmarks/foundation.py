@@ -43,9 +43,7 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
-from lowlabel.config import load_config, run_dir, to_dict
+from lowlabel.config import load_config, parse_set, run_dir, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "malf35" / "dataset.json"
@@ -299,8 +297,7 @@ def main() -> None:
         "--results", type=Path, default=ROOT / "benchmarks" / "results" / "foundation.json"
     )
     args = parser.parse_args()
-    pairs = [item.partition("=") for item in args.overrides]
-    args.overrides = {key: yaml.safe_load(value) for key, _, value in pairs}
+    args.overrides = parse_set(args.overrides)
     if not args.data.exists():
         sys.exit(f"{args.data}: malf35 not found; pass --data")
     from lowlabel.atomic import write_json

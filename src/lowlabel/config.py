@@ -7,7 +7,6 @@ keys left out take the defaults below. An unknown key or a value of the wrong ty
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -884,10 +883,7 @@ def config_hash(cfg: RunConfig, kind: str = "train") -> str:
     with default execution settings keeps its name.
     """
     data, defaults = to_dict(cfg), to_dict(RunConfig())
-    hashed_at = copy.deepcopy(defaults)
-    for key, value in HASHED_AS.items():
-        section, last = key.split(".")
-        hashed_at[section][last] = value
+    hashed_at = to_dict(RunConfig().replace(**HASHED_AS))
     for key in EXECUTION_KEYS + (PRETRAIN_UNREAD if kind == "pretrain" else ()):
         _reset(data, key, hashed_at)
     for key in ADDED_EXECUTION_KEYS:  # not in older runs' configs: dropped, so they keep names
