@@ -128,6 +128,27 @@ def run_profile(
     }
 
 
+def measured_in_place(out: Path) -> dict:
+    """A finished study folder measured where it is, without running it again: its wall time is
+    the study's own clock (``study_result.json``), which covers its last invocation only."""
+    summary = json.loads((out / "study_result.json").read_text())
+    plan = json.loads((out / "plan.json").read_text())
+    return {
+        "wall_seconds": summary["seconds"],
+        "wall_seconds_covers": "the study's last invocation, by its own clock "
+        f"({summary['ran']} runs ran in it, {summary['skipped']} were already finished)",
+        "peak_rss_mb": None,
+        "peak_rss_note": "not sampled: the study was measured in place (--existing)",
+        "runs": summary["runs"],
+        "finished_runs": len(list((out / "runs").glob("*/result.json"))),
+        "completed": not summary["failed"],
+        "ran": summary["ran"],
+        "failed": len(summary["failed"]),
+        "seeds": len({c["seed"] for c in plan.get("cells", [])}),
+        "study_dir": str(out),
+    }
+
+
 def quality(out: Path) -> dict:
     """What the study's runs reached, from what they wrote: the median test mean Dice over its
     training runs, how many look converged (best step before the last), and its comparisons'
@@ -166,12 +187,15 @@ def quality(out: Path) -> dict:
     }
 
 
-def reference_check(out: Path, runs: int, factor: int = 4, margin: float = 0.01) -> dict:
+def reference_check(
+    out: Path, runs: int, factor: int = 4, margin: float = 0.01, jobs: int = 2
+) -> dict:
     """Convergence against longer training: ``runs`` of the study's finished training runs (seed
     0, one per table where it can, scratch first) are trained again from their own config with
-    ``factor`` times the step budget and no early stopping; a run passes when its test mean Dice
-    is within ``margin`` of (or above) its reference's."""
+    ``factor`` times the step budget and no early stopping, ``jobs`` at a time; a run passes when
+    its test mean Dice is within ``margin`` of (or above) its reference's."""
     import csv
+    from concurrent.futures import ThreadPoolExecutor
 
     import yaml
 
@@ -188,42 +212,43 @@ def reference_check(out: Path, runs: int, factor: int = 4, margin: float = 0.01)
         if table not in {c["tables"].split(":")[0] for c in chosen}:
             chosen.append(r)
     chosen += [r for r in rows if r not in chosen]
-    checks = []
-    for r in chosen[:runs]:
+
+    def check(i: int, r: dict) -> dict:
         run = Path(r["run_dir"])
         cfg = yaml.safe_load((run / "config.yaml").read_text())
         budget = int(cfg["train"]["steps"])
+        ref_out = out / "reference" / str(i)  # one folder per check: they run side by side
         cmd = [sys.executable, "-m", "lowlabel.cli", "train", "-c", str(run / "config.yaml")]
-        cmd += ["--out", str(out / "reference"), "--resume", "--quiet"]
+        cmd += ["--out", str(ref_out), "--resume", "--quiet"]
         cmd += ["--set", f"train.steps={factor * budget}", "--set", "train.patience=0"]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        ref_dir = max(
-            (out / "reference").glob(f"{cfg['name']}-*/result.json"),
-            key=lambda q: q.stat().st_mtime,
-        ).parent
+        (ref_dir,) = {p.parent for p in ref_out.glob("*/result.json")}
         ref = json.loads((ref_dir / "result.json").read_text())
         dice, ref_dice = float(r["mean_dice"]), float(ref["test"]["mean_dice"])
-        checks.append(
-            {
-                "run": run.name,
-                "table": r["tables"].split(":")[0],
-                "steps": int(r["steps"]),
-                "budget": budget,
-                "mean_dice": round(dice, 4),
-                "reference_steps": ref["steps"],
-                "reference_best_step": ref["best_step"],
-                "reference_mean_dice": round(ref_dice, 4),
-                "gap": round(ref_dice - dice, 4),
-                "passed": ref_dice - dice <= margin,
-                "reference_seconds": round(time.perf_counter() - t0, 1),
-            }
-        )
+        return {
+            "run": run.name,
+            "table": r["tables"].split(":")[0],
+            "steps": int(r["steps"]),
+            "budget": budget,
+            "mean_dice": round(dice, 4),
+            "reference_steps": ref["steps"],
+            "reference_best_step": ref["best_step"],
+            "reference_mean_dice": round(ref_dice, 4),
+            "gap": round(ref_dice - dice, 4),
+            "passed": ref_dice - dice <= margin,
+            "reference_seconds": round(time.perf_counter() - t0, 1),
+        }
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        checks = list(pool.map(check, range(runs), chosen[:runs]))
     return {
         "share": round(sum(c["passed"] for c in checks) / len(checks), 3) if checks else None,
         "how": f"{len(checks)} runs retrained from their own config with {factor}x the step "
         f"budget and no early stopping; passed when the study's run is within {margin} test "
         "mean Dice of that reference (or above it)",
+        "wall_seconds": round(time.perf_counter() - t0, 1),
         "checks": checks,
     }
 
@@ -252,6 +277,12 @@ def main() -> None:
         "and record whether each study run is within 0.01 mean Dice of it",
     )
     parser.add_argument(
+        "--existing",
+        action="store_true",
+        help="measure the finished study already in --out/PROFILE instead of running it again "
+        "(wall time from the study's own clock; no memory sampling)",
+    )
+    parser.add_argument(
         "--fresh-cache",
         action="store_true",
         help="start from an empty LOWLABEL_CACHE, as a new user does (the demo cohort is made "
@@ -270,15 +301,21 @@ def main() -> None:
         data = args.data if profile == "cpu" else None
         out = Path(args.out) / profile
         described = machine()  # with the load average before the run
-        res = run_profile(profile, data, out, args.jobs, args.timeout_minutes)
+        if args.existing:
+            res = measured_in_place(out)
+        else:
+            res = run_profile(profile, data, out, args.jobs, args.timeout_minutes)
         res.update(quality(out))
-        if args.reference_runs and (out / "runs.csv").exists():
-            res["converged_reference"] = reference_check(out, args.reference_runs)
         res["benchmark_command"] = "nice -n 10 python benchmarks/study.py " + " ".join(sys.argv[1:])
-        res["machine"] = described
+        res["machine"] = described + (
+            " (at measuring; the study ran before)" if args.existing else ""
+        )
         res["fresh_cache"] = args.fresh_cache
-        if profile in results:  # keep what earlier runs measured, on other machines or loads
-            earlier = results[profile]
+        earlier = results.get(profile)
+        if earlier and args.existing and earlier.get("study_dir") == res["study_dir"]:
+            # the same study measured again in place: replace it, keep what came before it
+            res["earlier_runs"] = earlier.get("earlier_runs", [])
+        elif earlier:  # keep what earlier runs measured, on other machines or loads
             res["earlier_runs"] = [
                 *earlier.pop("earlier_runs", []),
                 {k: earlier[k] for k in sorted(earlier) if k != "previous_run_on_loaded_machine"},
@@ -289,12 +326,17 @@ def main() -> None:
                 ),
             ]
         results[profile] = res
-        print(json.dumps({profile: res}, indent=1))
         if profile == "cpu" and (out / "report.md").exists():  # tables only: scans are licensed
             text = strip_images((out / "report.md").read_text())
             (RESULTS / "study_cpu_report.md").write_text(text)
         RESULTS.mkdir(exist_ok=True)
-        path.write_text(json.dumps(results, indent=2) + "\n")
+        path.write_text(json.dumps(results, indent=2) + "\n")  # kept if the check below fails
+        if args.reference_runs and (out / "runs.csv").exists():
+            res["converged_reference"] = reference_check(
+                out, args.reference_runs, jobs=args.jobs or os.cpu_count() or 1
+            )
+            path.write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps({profile: res}, indent=1))
 
 
 if __name__ == "__main__":
