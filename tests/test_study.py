@@ -84,6 +84,15 @@ def test_profile_scales_steps(tmp_path):
     assert {c.needs for c in transfer if c.needs} == {("autoencoder", 90), ("genesis", 90)}
     plan = json.loads(study_spec.plan_json(study, "quick", quick))
     assert plan["steps"]["2a"] == [30, 60, 90]  # what the pretraining runs keep
+    # the cpu profile: every training run (2b's transfer runs too) gets a 2500-step budget, so
+    # early stopping ends it; five seeds, each drawing its own labelled subjects
+    cpu = study_spec.expand(study, "cpu", None, tmp_path)
+    train = [c for c in cpu if c.kind == "train"]
+    assert {c.cfg.train.steps for c in train} == {2500}
+    assert {c.seed for c in cpu} == {0, 1, 2, 3, 4}
+    assert {c.cfg.data.draw for c in train} == {0, 1, 2, 3, 4}
+    pre = next(c for c in cpu if c.kind == "pretrain" and c.cfg.pretrain.method == "autoencoder")
+    assert pre.cfg.pretrain.steps == 1500 and pre.cfg.pretrain.save_steps == (250, 500, 750, 1500)
     big = next(
         c for c in paper.values() if c.labels.get("1a") == {"model": "3-level", "data": "full"}
     )
