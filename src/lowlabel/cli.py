@@ -470,8 +470,8 @@ def study_cmd(
         typer.Option(
             "--profile",
             "-p",
-            help="quick (demo, minutes), cpu (about 30 min on 2 idle cores) or paper "
-            "(original scale, GPU).",
+            help="quick (demo, minutes), cpu (a dataset in 2D at 2 mm, 5 seeds: about 2.5 h "
+            "on 2 idle cores) or paper (original scale, GPU).",
         ),
     ] = "quick",
     out: Annotated[
