@@ -100,30 +100,36 @@ def run_profile(
     thread.join()
     if stopped and (out / "plan.json").exists():
         subprocess.run([sys.executable, "-m", "lowlabel.cli", "report", str(out)], check=False)
+    usage = os.times()
+    return {
+        "wall_seconds": round(wall, 1),
+        "peak_rss_mb": round(peak[0], 1),
+        **folder_facts(out),
+        "completed": not stopped and rc == 0,
+        "stopped_after_minutes": timeout_min if stopped else None,
+        "exit_code": rc,
+        "cpu_seconds_children": round(usage.children_user + usage.children_system, 1),
+        "load_average_at_start": load,
+        "load_average_at_end": [round(x, 1) for x in os.getloadavg()],
+        "command": " ".join(["lowlabel", *cmd[3:]]),
+    }
+
+
+def folder_facts(out: Path) -> dict:
+    """What a study folder says of itself: runs planned, finished, run by its last invocation
+    and failed, and its seeds."""
     summary = (
         json.loads((out / "study_result.json").read_text())
         if (out / "study_result.json").exists()
         else {}
     )
     plan = json.loads((out / "plan.json").read_text()) if (out / "plan.json").exists() else {}
-    seeds = sorted({c["seed"] for c in plan.get("cells", [])})
-    usage = os.times()
-    finished = len(list((out / "runs").glob("*/result.json")))
     return {
-        "wall_seconds": round(wall, 1),
-        "peak_rss_mb": round(peak[0], 1),
         "runs": summary.get("runs", len(plan.get("cells", []))),
-        "finished_runs": finished,
-        "completed": not stopped and rc == 0,
-        "stopped_after_minutes": timeout_min if stopped else None,
+        "finished_runs": len(list((out / "runs").glob("*/result.json"))),
         "ran": summary.get("ran"),
         "failed": len(summary.get("failed", {})),
-        "seeds": len(seeds),
-        "exit_code": rc,
-        "cpu_seconds_children": round(usage.children_user + usage.children_system, 1),
-        "load_average_at_start": load,
-        "load_average_at_end": [round(x, 1) for x in os.getloadavg()],
-        "command": " ".join(["lowlabel", *cmd[3:]]),
+        "seeds": len({c["seed"] for c in plan.get("cells", [])}),
         "study_dir": str(out),
     }
 
@@ -132,20 +138,14 @@ def measured_in_place(out: Path) -> dict:
     """A finished study folder measured where it is, without running it again: its wall time is
     the study's own clock (``study_result.json``), which covers its last invocation only."""
     summary = json.loads((out / "study_result.json").read_text())
-    plan = json.loads((out / "plan.json").read_text())
     return {
         "wall_seconds": summary["seconds"],
         "wall_seconds_covers": "the study's last invocation, by its own clock "
         f"({summary['ran']} runs ran in it, {summary['skipped']} were already finished)",
         "peak_rss_mb": None,
         "peak_rss_note": "not sampled: the study was measured in place (--existing)",
-        "runs": summary["runs"],
-        "finished_runs": len(list((out / "runs").glob("*/result.json"))),
+        **folder_facts(out),
         "completed": not summary["failed"],
-        "ran": summary["ran"],
-        "failed": len(summary["failed"]),
-        "seeds": len({c["seed"] for c in plan.get("cells", [])}),
-        "study_dir": str(out),
     }
 
 
