@@ -74,8 +74,8 @@ def plain_losses(cfg: RunConfig) -> list[float]:
 def _plain_steps(cfg: RunConfig, batches: Batches) -> list[float]:
     seed_everything(cfg.seed)
     model = build_model(cfg.model, cfg.data.spatial_dims)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+    optimizer = torch.optim.AdamW(  # the engine's optimizer (lowlabel.engine.runtime.adamw)
+        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True
     )
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     losses = []

@@ -14,7 +14,7 @@ from conftest import make_tiny_dataset, tiny_overrides
 from torch import nn
 
 from lowlabel.config import RunConfig, load_config
-from lowlabel.engine.inference import Ensemble, flips, predict_logits
+from lowlabel.engine.inference import Ensemble, flips, labels_of, predict_logits
 from lowlabel.models.unet import build_model
 
 CFG = RunConfig().replace(**{"data.patch_size": [16, 16, 16], "model.levels": 3})
@@ -393,3 +393,17 @@ def test_several_runs_export_with_allow_unfinished(runs, tmp_path, monkeypatch, 
     assert code == 0, err
     info = json.loads((out / "bundle.json").read_text())
     assert info["ensemble"] == 2 and info["members"][1]["steps"] is None
+
+
+def test_labels_of_is_argmax_over_channels_with_the_first_of_equal_maxima():
+    torch.manual_seed(0)
+    scores = torch.softmax(torch.randn(4, 9, 8, 7), 0)
+    # ties: channels 1 and 3 share the maximum here, all four there
+    scores[:, 0, 0, 0] = torch.tensor([0.1, 0.4, 0.1, 0.4])
+    scores[:, 1, 0, 0] = 0.25
+    scores[:, 2, 0, 0] = torch.tensor([0.0, 0.2, 0.4, 0.4])
+    labels = labels_of(scores)
+    assert labels.dtype == torch.long
+    assert torch.equal(labels, scores.argmax(0))
+    assert labels[0, 0, 0] == 1 and labels[1, 0, 0] == 0 and labels[2, 0, 0] == 2
+    assert set(labels.unique().tolist()) == {0, 1, 2, 3}

@@ -89,6 +89,7 @@ def test_profile_scales_steps(tmp_path):
     cpu = study_spec.expand(study, "cpu", None, tmp_path)
     train = [c for c in cpu if c.kind == "train"]
     assert {c.cfg.train.steps for c in train} == {2500}
+    assert {(c.cfg.train.schedule, c.cfg.train.precision) for c in train} == {("plateau", "bf16")}
     assert {c.seed for c in cpu} == {0, 1, 2, 3, 4}
     assert {c.cfg.data.draw for c in train} == {0, 1, 2, 3, 4}
     pre = next(c for c in cpu if c.kind == "pretrain" and c.cfg.pretrain.method == "autoencoder")

@@ -111,6 +111,57 @@ def test_early_stopping_counts_validations_and_restores_best_weights(
     )
 
 
+def test_plateau_schedule_drops_the_learning_rate_once_then_stops_and_resumes_after_the_drop(
+    dataset, tmp_path, monkeypatch
+):
+    # patience 2: validations 3-4 do not improve, so the rate drops tenfold after step 4 and
+    # patience starts again; 5 improves, 6-7 do not, so the run stops at step 7 with 5 best
+    dice = [0.2, 0.5, 0.4, 0.45, 0.6, 0.55, 0.5, 0.9, 0.9, 0.9]
+    extra = {"train.steps": 10, "train.val_every": 1, "train.patience": 2}
+    rates: list[float] = []
+    real_rate = loop.set_learning_rate
+
+    def recorded(optimizer, *args):
+        real_rate(optimizer, *args)
+        rates.append(optimizer.param_groups[0]["lr"])
+
+    monkeypatch.setattr(loop, "set_learning_rate", recorded)
+    monkeypatch.setattr(objectives, "validate", ScriptedValidation(dice))
+    cfg = _cfg(dataset, tmp_path / "a", **{**extra, "train.schedule": "plateau"})
+    result = fit(cfg, progress=False)
+
+    lr = cfg.train.lr
+    assert result.steps == 7 and result.stopped_early and result.best_step == 5
+    assert rates == pytest.approx([lr] * 4 + [lr / 10] * 3)
+    rows = metric_rows(Path(result.run_dir))
+    assert [r["step"] for r in rows if r.get("lr_drop")] == [4]
+
+    # the constant schedule stops where the plateau one dropped the rate
+    monkeypatch.setattr(objectives, "validate", ScriptedValidation(dice))
+    constant = fit(_cfg(dataset, tmp_path / "b", **extra), progress=False)
+    assert constant.steps == 4 and constant.best_step == 2
+
+    # a run that crashes after the drop resumes at the lower rate
+    scripted = ScriptedValidation(dice)
+    monkeypatch.setattr(objectives, "validate", scripted)
+    resumed = _cfg(dataset, tmp_path / "c", **{**extra, "train.schedule": "plateau"})
+    real_validate = objectives.validate
+
+    def crash_at_sixth(model, items, c):
+        if len(scripted.seen) == 5:
+            raise RuntimeError("simulated crash")
+        return real_validate(model, items, c)
+
+    monkeypatch.setattr(objectives, "validate", crash_at_sixth)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(resumed, progress=False)
+    monkeypatch.setattr(objectives, "validate", scripted)
+    rates.clear()
+    again = fit(resumed, progress=False, resume=True)
+    assert again.steps == 7 and again.best_step == 5
+    assert rates == pytest.approx([lr / 10] * 2)
+
+
 # --- checkpoints ---------------------------------------------------------------------------------
 
 

@@ -202,7 +202,9 @@ class TrainConfig:
         schedule: ``constant`` keeps the learning rate, so early stopping, not the step
             budget, ends a run that has stopped improving (+0.005 mean Dice against ``poly`` in
             the levers screen); ``poly`` decays it as ``(1 - step / steps) ** 0.9`` (nnU-Net's
-            schedule), so a longer budget also changes how fast it decays.
+            schedule), so a longer budget also changes how fast it decays; ``plateau`` keeps it
+            until ``patience`` runs out, then divides it by 10 and waits ``patience`` more
+            validations before stopping (early stopping that ends at a small learning rate).
         val_every: validate every this many steps.
         patience: validations without improvement of more than ``min_delta`` before stopping;
             0 disables early stopping.
@@ -232,7 +234,7 @@ class TrainConfig:
     steps: int = 2000
     batch_size: int = 2
     lr: float = 1e-3
-    schedule: Literal["constant", "poly"] = "constant"
+    schedule: Literal["constant", "poly", "plateau"] = "constant"
     weight_decay: float = 1e-5
     val_every: int = 100
     patience: int = 5

@@ -250,10 +250,11 @@ def write_scan(
     """
     from lowlabel import qc as qc_mod
     from lowlabel.engine.evaluate import to_native
+    from lowlabel.engine.inference import labels_of
 
     native = to_native(probs, scan.item["image"], pre)
     del probs
-    labels = native.argmax(0).to(torch.uint8).numpy()
+    labels = labels_of(native).to(torch.uint8).numpy()
     mask = scan.mask
     cleared = 0
     if scan.region is not None:

@@ -30,7 +30,7 @@ from lowlabel.config import RunConfig
 from lowlabel.data.datasets import remap_labels
 from lowlabel.data.io import TISSUES, read_nifti, spacing_of
 from lowlabel.data.transforms import preprocess
-from lowlabel.engine.inference import predict_logits
+from lowlabel.engine.inference import labels_of, predict_logits
 from lowlabel.errors import unwrap
 from lowlabel.run_folder import EVALUATION, EVALUATION_CSV, OVERLAY
 from lowlabel.skullstrip import brain_region, clear_outside
@@ -115,7 +115,7 @@ def evaluate(
         test_loss = float(loss_fn(logits[None], item["label"][None].as_tensor()))
         probs = torch.softmax(logits, 0)
         native = to_native(probs, item["image"], pre)
-        pred = native.argmax(0).numpy()
+        pred = labels_of(native).numpy()
         label, affine = read_nifti(subject["label"], kind="label")
         label = torch.from_numpy(remap_labels(label, cfg.data.label_map, subject["label"]))
         region = brain_region(*read_nifti(subject["image"]))

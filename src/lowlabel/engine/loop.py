@@ -171,7 +171,7 @@ def train_steps(
         objective.train_mode(state["step"], optimizer)
         if schedule:
             seconds = state["train_seconds"] + time.perf_counter() - tick
-            set_learning_rate(optimizer, cfg, state["step"], seconds)
+            set_learning_rate(optimizer, cfg, state["step"], seconds, state.get("drops", 0))
         loss = objective.loss(batch, state["step"])
         optimizer.zero_grad(set_to_none=True)
         rt.update(loss, optimizer, state)
@@ -234,9 +234,14 @@ def say(line: str, progress: bool) -> None:
 
 
 def set_learning_rate(
-    optimizer: torch.optim.Optimizer, cfg: RunConfig, step: int, seconds: float = 0.0
+    optimizer: torch.optim.Optimizer,
+    cfg: RunConfig,
+    step: int,
+    seconds: float = 0.0,
+    drops: int = 0,
 ) -> None:
-    """Learning rate as a pure function of the step, so a resumed run continues the schedule.
+    """Learning rate as a pure function of the step and the run's state (``drops``: how often
+    a ``plateau`` schedule has divided it by 10), so a resumed run continues the schedule.
 
     Under a wall-clock budget (``train.max_minutes``) the poly decay follows whichever runs out
     first, steps or time, so a budgeted run still ends at a small learning rate.
@@ -245,6 +250,8 @@ def set_learning_rate(
     if cfg.train.max_minutes:
         done = max(done, seconds / (60.0 * cfg.train.max_minutes))
     factor = (1.0 - min(done, 1.0)) ** 0.9 if cfg.train.schedule == "poly" else 1.0
+    if cfg.train.schedule == "plateau":
+        factor = 0.1**drops
     for group in optimizer.param_groups:
         group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
 

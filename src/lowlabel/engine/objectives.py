@@ -19,7 +19,7 @@ from torch import nn
 from lowlabel.config import RunConfig, to_dict
 from lowlabel.data.cohort import Cohort
 from lowlabel.engine.inference import predict_logits
-from lowlabel.engine.runtime import Runtime
+from lowlabel.engine.runtime import Runtime, adamw
 from lowlabel.engine.semi import MeanTeacher
 from lowlabel.models import transfer
 from lowlabel.models.transfer import Transfer
@@ -152,7 +152,7 @@ class Supervised(Objective):
         self.kept = "model"
 
     def initial_state(self) -> dict:
-        return {"best_metric": -1.0, "best_step": 0, "bad": 0, "stopped": False}
+        return {"best_metric": -1.0, "best_step": 0, "bad": 0, "stopped": False, "drops": 0}
 
     def train_mode(self, step: int, optimizer: torch.optim.Optimizer) -> None:
         if self.setup:
@@ -194,7 +194,12 @@ class Supervised(Objective):
             self.folder.save_weights(self.folder.best, self.judged[self.kept], meta)
         else:
             state["bad"] += 1
-        return bool(t.patience and state["bad"] >= t.patience)
+        waited = bool(t.patience and state["bad"] >= t.patience)
+        if waited and t.schedule == "plateau" and not state.get("drops"):
+            state.update(drops=1, bad=0)  # the learning rate drops (set_learning_rate); go on
+            row["lr_drop"] = True
+            return False
+        return waited
 
     def postfix(self, row: dict, state: dict) -> dict:
         best = f"{state['best_metric']:.3f}"
@@ -236,7 +241,7 @@ def segmentation(
     setup = transfer.prepare(model, cfg, folder.path) if cfg.transfer.mode != "scratch" else None
     runtime.place(model)  # before the optimizer state is restored and a mean teacher copied
     groups = setup.param_groups(cfg.train.lr) if setup else model.parameters()
-    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = adamw(groups, cfg.train.lr, cfg.train.weight_decay)
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
     kind = Supervised if cohort.pool_items is None else MeanTeacherObjective

@@ -27,7 +27,7 @@ from lowlabel.data.cohort import Pool, load_pool
 from lowlabel.engine.inference import predict_logits
 from lowlabel.engine.loop import new_state, say, train_steps
 from lowlabel.engine.objectives import Objective
-from lowlabel.engine.runtime import Runtime, runtime, seed_everything
+from lowlabel.engine.runtime import Runtime, adamw, runtime, seed_everything
 from lowlabel.errors import LowlabelError
 from lowlabel.figures import reconstruction_figure
 from lowlabel.models.pretrain import build_pretrain_model, corrupt, reconstruction_loss
@@ -193,9 +193,7 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> 
         folder.write_json(POOL, {**split, "images": images, "validation": validation})
         seed_everything(cfg.seed)
         model = rt.place(build_pretrain_model(cfg))
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=cfg.pretrain.lr, weight_decay=cfg.train.weight_decay
-        )
+        optimizer = adamw(model.parameters(), cfg.pretrain.lr, cfg.train.weight_decay)
         objective = Restoration(cfg, model, rt, folder, pool)
     state = new_state(objective)
     folder.start(resume, model, optimizer, state)
