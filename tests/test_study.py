@@ -319,7 +319,7 @@ def test_claims_table_has_a_row_for_every_comparison_of_the_shipped_study(tmp_pa
 
 
 def test_report_tables_flag_unconverged_runs_and_identical_cells(tmp_path):
-    from lowlabel.study.report.render import data_words
+    from lowlabel.study.report.render import data_words, training_words
     from lowlabel.study.report.tables import surface_table, train_table
 
     study = study_spec.load_study("seed")
@@ -349,6 +349,11 @@ def test_report_tables_flag_unconverged_runs_and_identical_cells(tmp_path):
     words = data_words(plan, runs)
     assert "SYNTHETIC demo cohort (16" in words and "2D" in words and "2 mm" in words
     assert "4 test and 2 validation" in words and "64x64 voxels" in words and "3 seed(s)" in words
+    assert "AdamW at learning rate 0.01, decayed as (1 - step/budget)^0.9" in words
+    cpu = study_spec.expand(study, "cpu", None, tmp_path / "cpu", seeds=[0])
+    cpu_run = next(c for c in json.loads(study_spec.plan_json(study, "cpu", cpu))["cells"])
+    words = training_words(cpu_run["config"]["train"])
+    assert "divided by 10 once validation stops improving" in words and "bfloat16" in words
 
 
 def test_time_left_from_seconds_per_step_of_finished_runs():

@@ -319,8 +319,28 @@ def data_words(plan: dict, runs: list[Run]) -> str:
         + ("/".join(map(str, labelled)) if labelled else "a budget of")
         + f" labelled. Resampled to {spacing} mm; {dims} patches of {patch} voxels; UNets of "
         f"{'/'.join(map(str, levels))} levels starting at {'/'.join(map(str, widths))} "
-        f"channels ({m.get('norm', 'instance')} norm). Profile '{plan['profile']}', "
-        f"{len(seeds)} seed(s): {', '.join(map(str, seeds))}."
+        f"channels ({m.get('norm', 'instance')} norm). {training_words(cfg['train'])} "
+        f"Profile '{plan['profile']}', {len(seeds)} seed(s): {', '.join(map(str, seeds))}."
+    )
+
+
+SCHEDULES = {
+    "constant": "held constant until early stopping",
+    "poly": "decayed as (1 - step/budget)^0.9 until early stopping",
+    "plateau": "divided by 10 once validation stops improving for the patience, then held "
+    "until it stops improving again",
+}
+
+
+def training_words(train: dict) -> str:
+    """How the runs trained: optimizer, rate and its schedule, batch, precision."""
+    precision = {"bf16": "bfloat16 autocast", "fp16": "float16 autocast"}.get(
+        train.get("precision", "fp32"), "float32"
+    )
+    schedule = SCHEDULES.get(train.get("schedule", "constant"), train.get("schedule"))
+    return (
+        f"AdamW at learning rate {train['lr']:g}, {schedule}; batches of "
+        f"{train['batch_size']}; {precision}."
     )
 
 
