@@ -36,7 +36,8 @@ def _save(fig, path: Path) -> Path:
 
 
 def learning_curves(plan: dict, runs: list[Run], name: str, path: Path) -> Path | None:
-    """Training loss and validation Dice per cell; dot = best step, cross = early stop."""
+    """Training loss and validation Dice per cell; dot = best step, triangle = learning rate
+    divided by 10 (plateau schedule), cross = early stop."""
     groups = table_cells(plan, runs, name)
     if not any(r.metrics for _, g in groups for r in g):
         return None
@@ -64,6 +65,16 @@ def learning_curves(plan: dict, runs: list[Run], name: str, path: Path) -> Path 
                 at = [r["val_dice"] for r in run.metrics if r["step"] == best]
                 if at:
                     ax_dice.plot([best], at, "o", color=colour, alpha=alpha, ms=4)
+                drops = [r for r in run.metrics if r.get("lr_drop")]  # plateau schedule
+                if drops:
+                    ax_dice.plot(
+                        [r["step"] for r in drops],
+                        [r["val_dice"] for r in drops],
+                        "v",
+                        color=colour,
+                        alpha=alpha,
+                        ms=5,
+                    )
                 if run.result.get("stopped_early"):
                     ax_dice.plot(
                         [steps[-1]],
@@ -76,7 +87,11 @@ def learning_curves(plan: dict, runs: list[Run], name: str, path: Path) -> Path 
                     )
     ax_loss.set(xlabel="step", ylabel="training loss (Dice + CE)", title="Training loss")
     ax_dice.set(
-        xlabel="step", ylabel="validation mean Dice", title="Validation Dice (o best, x early stop)"
+        xlabel="step",
+        ylabel="validation mean Dice",
+        title="Validation Dice (o best, v rate / 10, x early stop)"
+        if any(r.get("lr_drop") for _, g in groups for run in g for r in run.metrics)
+        else "Validation Dice (o best, x early stop)",
     )
     ax_loss.legend(fontsize=7, loc="upper right")
     for ax in (ax_loss, ax_dice):
