@@ -648,3 +648,26 @@ def test_mlflow_logs_each_run(tmp_path, tiny_dataset):
     runs = mlflow.search_runs(experiment_names=["st"])
     assert len(runs) == result.runs == 1
     assert "metrics.test_mean_dice" in runs.columns and "params.model.levels" in runs.columns
+
+
+def test_learning_curves_mark_the_plateau_schedules_rate_drops(tmp_path, monkeypatch):
+    from lowlabel.study.report import figures
+
+    study = study_spec.load_study("seed")
+    cells = study_spec.expand(study, "quick", None, tmp_path / "st", seeds=[0, 1])
+    plan = json.loads(study_spec.plan_json(study, "quick", cells))
+    runs = _fake_runs(plan, {})
+    for run in runs:
+        run.result = {**run.result, "stopped_early": True}
+        run.metrics = [
+            {"step": s, "train_loss": 1.0 / s, "val_dice": 0.5 + 0.01 * s, "lr_drop": s == 3}
+            for s in (1, 2, 3, 4, 5)
+        ]
+    saved = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: saved.append(fig) or path)
+    assert figures.learning_curves(plan, runs, "1b", tmp_path / "c.png") is not None
+    dice_axes = saved[0].axes[1]
+    drops = [line for line in dice_axes.lines if line.get_marker() == "v"]
+    assert len(drops) == 3 * 2  # one per run: 3 patience cells x 2 seeds
+    assert all(list(line.get_xdata()) == [3] for line in drops)
+    assert "v rate / 10" in dice_axes.get_title()
