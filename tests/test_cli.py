@@ -86,6 +86,9 @@ def _interrupt(
         [sys.executable, "-m", "lowlabel.cli", *cmd],
         env=env,
         start_new_session=True,
+        # a terminal's foreground command starts with Ctrl-C at its default, whatever the shell
+        # that runs these tests ignores (a job started with `&` or nohup ignores SIGINT)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
