@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -22,13 +23,25 @@ def _cfg(dataset, out, **extra):
     return load_config(None, tiny_overrides(dataset, out, **values))
 
 
-def test_pretrain_run_folder_and_images_seen(tiny_dataset, tmp_path):
+def test_pretrain_run_folder_and_images_seen(tiny_dataset, tmp_path, monkeypatch):
+    from lowlabel.engine import pretrain as pretrain_module
     from lowlabel.engine.pretrain import pretrain
 
+    class SlowBatches(pretrain_module.PretrainBatches):  # training time dominates the run's
+        def __getitem__(self, step):
+            time.sleep(0.3)
+            return super().__getitem__(step)
+
+    monkeypatch.setattr(pretrain_module, "PretrainBatches", SlowBatches)
     cfg = _cfg(tiny_dataset, tmp_path / "runs", **{"pretrain.method": "genesis"})
+    t0 = time.perf_counter()
     result = pretrain(cfg, progress=False)
+    wall = time.perf_counter() - t0
     run = tmp_path / "runs" / result.run_dir.split("/")[-1]
     assert result.steps == 4
+    # the run's time, its training counted once (it used to be counted twice)
+    trained = [json.loads(line)["seconds"] for line in (run / "metrics.jsonl").open()][-1]
+    assert 1.2 <= trained < result.seconds <= wall
     assert sorted(result.checkpoints) == ["2", "4"]
     for name in (
         "config.yaml",

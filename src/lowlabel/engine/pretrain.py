@@ -197,6 +197,7 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> 
         objective = Restoration(cfg, model, rt, folder, pool)
     state = new_state(objective)
     folder.start(resume, model, optimizer, state)
+    earlier = state["train_seconds"]  # training time of the sessions this run resumes
     batches = PretrainBatches(pool.items, cfg)
     run = {"steps": cfg.pretrain.steps, "schedule": False, "progress": progress}
     train_steps(objective, optimizer, batches, folder, state, rt, **run)
@@ -215,7 +216,7 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> 
         val_mse=state["val_mse"],
         val_mae=state["val_mae"],
         figure=figure,
-        seconds=round(state["train_seconds"] + time.perf_counter() - t0, 3),
+        seconds=round(earlier + time.perf_counter() - t0, 3),
         images=len(pool.images),
         dropped=len(dropped),
     )
