@@ -331,14 +331,15 @@ def assert_same_run(a: Path, b: Path) -> None:
     )
 
 
-def crash_at_second_validation(cfg: RunConfig, monkeypatch) -> None:
-    """Run ``fit(cfg)`` until it crashes in its second validation (the first one logged and
-    checkpointed, however many networks each validation scores)."""
+def crash_in_validation(cfg: RunConfig, monkeypatch, after: int = 1) -> None:
+    """Run ``fit(cfg)`` until it crashes in the validation after the first ``after`` (by default
+    its second: the first one logged and checkpointed, however many networks each validation
+    scores)."""
     real = objectives.validate
     metrics = run_dir(cfg) / "metrics.jsonl"
 
     def crash_on_second(model, items, c):
-        if metrics.exists() and metrics.read_text().strip():
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= after:
             raise RuntimeError("simulated crash")
         return real(model, items, c)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_tiny_dataset, tiny_overrides
-from helpers import assert_same_run, cli, crash_at_second_validation, metric_rows
+from helpers import assert_same_run, cli, crash_in_validation, metric_rows
 
 from lowlabel.config import load_config
 from lowlabel.errors import LowlabelError
@@ -154,7 +154,7 @@ def test_a_resumed_adaptation_does_not_validate_step_0_again(source, tmp_path, m
     cfg = _cfg(source, tmp_path / "ref", **{"transfer.scope": "all"})
     reference = fit(cfg, progress=False)
     cfg = cfg.replace(out=str(tmp_path / "crashed"))
-    crash_at_second_validation(cfg, monkeypatch)  # after step 0's, in step 2's
+    crash_in_validation(cfg, monkeypatch)  # after step 0's, in step 2's
     out = run_dir(cfg)
     assert checkpoint.read_meta(out / "last.safetensors")["state"]["step"] == 0
     assert [r["step"] for r in metric_rows(out)] == [0]

@@ -11,7 +11,7 @@ import helpers
 import pytest
 import torch
 from conftest import make_tiny_dataset, tiny_overrides
-from helpers import assert_same_run, assert_same_weights, crash_at_second_validation
+from helpers import assert_same_run, assert_same_weights, crash_in_validation
 
 from lowlabel import checkpoint
 from lowlabel import device as device_mod
@@ -213,7 +213,7 @@ def test_fp16_scaler_state_is_checkpointed_and_resumed(dataset, tmp_path, monkey
     meta = checkpoint.read_meta(Path(whole.run_dir) / "last.safetensors")["state"]
     assert meta["scaler"]["scale"] > 0 and "_growth_tracker" in meta["scaler"]
     cfg = _cfg(dataset, tmp_path / "crash", **extra)
-    crash_at_second_validation(cfg, monkeypatch)
+    crash_in_validation(cfg, monkeypatch)
     saved = checkpoint.read_meta(run_dir(cfg) / "last.safetensors")["state"]["scaler"]
     assert saved["scale"] > 0 and "_growth_tracker" in saved
     seen = {}
@@ -233,7 +233,7 @@ def test_the_model_is_placed_before_a_resumed_state_is_loaded(dataset, tmp_path,
     """torch loads optimizer state onto its parameters' device at load time: the model must be
     on the run's device first, or a run resumed on a GPU would step CPU state with GPU weights."""
     cfg = _cfg(dataset, tmp_path, **{"train.device": "cpu"})
-    crash_at_second_validation(cfg, monkeypatch)
+    crash_in_validation(cfg, monkeypatch)
     order = []
     real_place, real_restore = Runtime.place, checkpoint.restore_state
 
@@ -416,12 +416,12 @@ def test_resume_on_the_gpu_and_across_devices(dataset, tmp_path, monkeypatch):
     extra = {"train.device": "cuda", "train.deterministic": True, "train.precision": "fp32"}
     whole = fit(_cfg(dataset, tmp_path / "whole", **extra), progress=False)
     cfg = _cfg(dataset, tmp_path / "crash", **extra)
-    crash_at_second_validation(cfg, monkeypatch)
+    crash_in_validation(cfg, monkeypatch)
     fit(cfg, resume=True, progress=False)
     assert_same_run(Path(whole.run_dir), run_dir(cfg))
     # started on the CPU, continued on the GPU: same folder, finishes, optimizer state moved
     moved = _cfg(dataset, tmp_path / "moved", **{**extra, "train.device": "cpu"})
-    crash_at_second_validation(moved, monkeypatch)
+    crash_in_validation(moved, monkeypatch)
     done = fit(moved.replace(**{"train.device": "cuda"}), resume=True, progress=False)
     assert Path(done.run_dir) == run_dir(moved) and done.steps == STEPS["train.steps"]
 
@@ -431,7 +431,7 @@ def test_fp16_scaler_resumes_on_the_gpu(dataset, tmp_path, monkeypatch):
     extra = {"train.device": "cuda", "train.precision": "fp16", "train.deterministic": True}
     whole = fit(_cfg(dataset, tmp_path / "whole", **extra), progress=False)
     cfg = _cfg(dataset, tmp_path / "crash", **extra)
-    crash_at_second_validation(cfg, monkeypatch)
+    crash_in_validation(cfg, monkeypatch)
     assert checkpoint.read_meta(run_dir(cfg) / "last.safetensors")["state"]["scaler"]["scale"] > 0
     fit(cfg, resume=True, progress=False)
     assert_same_weights(Path(whole.run_dir) / "last.safetensors", run_dir(cfg) / "last.safetensors")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_overrides
-from helpers import assert_same_run, crash_at_second_validation
+from helpers import assert_same_run, crash_in_validation
 from safetensors.torch import load_file
 
 from lowlabel import checkpoint
@@ -140,7 +140,7 @@ def test_the_better_network_on_validation_is_kept(semi_config, monkeypatch, winn
 def test_mean_teacher_run_resumes_bit_identically(semi_config, tmp_path, monkeypatch):
     reference = fit(semi_config, progress=False)
     cfg = semi_config.replace(out=str(tmp_path / "again"))
-    crash_at_second_validation(cfg, monkeypatch)
+    crash_in_validation(cfg, monkeypatch)
     assert checkpoint.read_meta(run_dir(cfg) / "last.safetensors")["state"]["step"] == 2
     fit(cfg, resume=True, progress=False)
     assert_same_run(Path(reference.run_dir), run_dir(cfg))

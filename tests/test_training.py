@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_tiny_dataset, tiny_overrides
-from helpers import assert_same_run, crash_at_second_validation, metric_rows
+from helpers import assert_same_run, crash_in_validation, metric_rows
 from safetensors.torch import load_file
 
 from lowlabel import checkpoint
@@ -141,21 +141,10 @@ def test_plateau_schedule_drops_the_learning_rate_once_then_stops_and_resumes_af
     constant = fit(_cfg(dataset, tmp_path / "b", **extra), progress=False)
     assert constant.steps == 4 and constant.best_step == 2
 
-    # a run that crashes after the drop resumes at the lower rate
-    scripted = ScriptedValidation(dice)
-    monkeypatch.setattr(objectives, "validate", scripted)
+    # a run that crashes after the drop (in its sixth validation) resumes at the lower rate
+    monkeypatch.setattr(objectives, "validate", ScriptedValidation(dice))
     resumed = _cfg(dataset, tmp_path / "c", **{**extra, "train.schedule": "plateau"})
-    real_validate = objectives.validate
-
-    def crash_at_sixth(model, items, c):
-        if len(scripted.seen) == 5:
-            raise RuntimeError("simulated crash")
-        return real_validate(model, items, c)
-
-    monkeypatch.setattr(objectives, "validate", crash_at_sixth)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        fit(resumed, progress=False)
-    monkeypatch.setattr(objectives, "validate", scripted)
+    crash_in_validation(resumed, monkeypatch, after=5)
     rates.clear()
     again = fit(resumed, progress=False, resume=True)
     assert again.steps == 7 and again.best_step == 5
@@ -265,7 +254,7 @@ def test_two_seeded_cpu_runs_are_identical(reference, tmp_path):
 def test_resume_after_a_crash_matches_the_uninterrupted_run(reference, tmp_path, monkeypatch):
     cfg, result = reference
     cfg = cfg.replace(out=str(tmp_path))
-    crash_at_second_validation(cfg, monkeypatch)
+    crash_in_validation(cfg, monkeypatch)
     out = run_dir(cfg)
     assert checkpoint.read_meta(out / "last.safetensors")["state"]["step"] == 2
     assert not (out / "result.json").exists()
