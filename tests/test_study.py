@@ -350,6 +350,7 @@ def test_report_tables_flag_unconverged_runs_and_identical_cells(tmp_path):
     assert "SYNTHETIC demo cohort (16" in words and "2D" in words and "2 mm" in words
     assert "4 test and 2 validation" in words and "64x64 voxels" in words and "3 seed(s)" in words
     assert "AdamW at learning rate 0.01, decayed as (1 - step/budget)^0.9" in words
+    assert "float32 on the CPU, bfloat16 autocast on a GPU" in words  # quick: precision auto
     cpu = study_spec.expand(study, "cpu", None, tmp_path / "cpu", seeds=[0])
     cpu_run = next(c for c in json.loads(study_spec.plan_json(study, "cpu", cpu))["cells"])
     words = training_words(cpu_run["config"]["train"])

@@ -44,6 +44,7 @@ def learning_curves(plan: dict, runs: list[Run], name: str, path: Path) -> Path 
     plt = _plt()
     fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(11, 3.8))
     colours = plt.get_cmap("tab10")
+    dropped = False  # any learning-rate drop (plateau schedule) to name in the title
     for i, (labels, group) in enumerate(groups):
         colour = colours(i % 10)
         for j, run in enumerate(group):
@@ -67,6 +68,7 @@ def learning_curves(plan: dict, runs: list[Run], name: str, path: Path) -> Path 
                     ax_dice.plot([best], at, "o", color=colour, alpha=alpha, ms=4)
                 drops = [r for r in run.metrics if r.get("lr_drop")]  # plateau schedule
                 if drops:
+                    dropped = True
                     ax_dice.plot(
                         [r["step"] for r in drops],
                         [r["val_dice"] for r in drops],
@@ -90,7 +92,7 @@ def learning_curves(plan: dict, runs: list[Run], name: str, path: Path) -> Path 
         xlabel="step",
         ylabel="validation mean Dice",
         title="Validation Dice (o best, v rate / 10, x early stop)"
-        if any(r.get("lr_drop") for _, g in groups for run in g for r in run.metrics)
+        if dropped
         else "Validation Dice (o best, x early stop)",
     )
     ax_loss.legend(fontsize=7, loc="upper right")

@@ -332,11 +332,17 @@ SCHEDULES = {
 }
 
 
+PRECISIONS = {
+    "auto": "float32 on the CPU, bfloat16 autocast on a GPU that supports it",
+    "fp32": "float32",
+    "bf16": "bfloat16 autocast",
+    "fp16": "float16 autocast",
+}
+
+
 def training_words(train: dict) -> str:
     """How the runs trained: optimizer, rate and its schedule, batch, precision."""
-    precision = {"bf16": "bfloat16 autocast", "fp16": "float16 autocast"}.get(
-        train.get("precision", "fp32"), "float32"
-    )
+    precision = PRECISIONS.get(train.get("precision", "auto"), train.get("precision"))
     schedule = SCHEDULES.get(train.get("schedule", "constant"), train.get("schedule"))
     return (
         f"AdamW at learning rate {train['lr']:g}, {schedule}; batches of "
