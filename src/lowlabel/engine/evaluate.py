@@ -30,7 +30,7 @@ from lowlabel.config import RunConfig
 from lowlabel.data.datasets import remap_labels
 from lowlabel.data.io import TISSUES, read_nifti, spacing_of
 from lowlabel.data.transforms import preprocess
-from lowlabel.engine.inference import labels_of, predict_logits
+from lowlabel.engine.inference import labels_of, plain, predict_logits
 from lowlabel.errors import unwrap
 from lowlabel.run_folder import EVALUATION, EVALUATION_CSV, OVERLAY
 from lowlabel.skullstrip import brain_region, clear_outside
@@ -51,7 +51,7 @@ def to_native(probs: torch.Tensor, image: MetaTensor, pre: Callable) -> torch.Te
         "pred", transform=pre, orig_keys="image", nearest_interp=False, to_tensor=True
     )
     out = inverter({"pred": pred, "image": image})["pred"]
-    return out.as_tensor() if isinstance(out, MetaTensor) else out
+    return plain(out)
 
 
 def segment_metrics(pred: torch.Tensor, truth: torch.Tensor, spacing: tuple[float, ...]) -> dict:
@@ -111,7 +111,7 @@ def evaluate(
         item = unwrap(pre, {"image": subject["image"], "label": subject["label"]})
         logits = predict_logits(model, item["image"], cfg, tta)
         if i == 0 and out_dir is not None:
-            write_overlay(Path(out_dir) / OVERLAY, item, logits.argmax(0), subject["id"])
+            write_overlay(Path(out_dir) / OVERLAY, item, labels_of(plain(logits)), subject["id"])
         test_loss = float(loss_fn(logits[None], item["label"][None].as_tensor()))
         probs = torch.softmax(logits, 0)
         native = to_native(probs, item["image"], pre)

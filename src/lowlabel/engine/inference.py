@@ -7,6 +7,7 @@ import itertools
 from collections.abc import Sequence
 
 import torch
+from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from torch import nn
 
@@ -45,6 +46,11 @@ class Ensemble(nn.Module):
         """``(B, C_in, ...)`` -> ``(B, 4, ...)`` log mean probabilities."""
         probs = sum(torch.softmax(m(x).float(), dim=1) for m in self.members)
         return to_logits(probs / len(self.members))
+
+
+def plain(x: torch.Tensor) -> torch.Tensor:
+    """``x`` without MONAI's metadata: on a ``MetaTensor`` every operation pays for it."""
+    return x.as_tensor() if isinstance(x, MetaTensor) else x
 
 
 def labels_of(scores: torch.Tensor) -> torch.Tensor:
@@ -130,7 +136,7 @@ def predict_logits(
     try:
         if not tta:
             return _windows(model, batch, cfg, place)[0].cpu()
-        batch = batch.as_tensor() if hasattr(batch, "as_tensor") else batch  # no MetaTensor
+        batch = plain(batch)
         probs = torch.zeros((), device=batch.device)
         views = flips(cfg.data.spatial_dims)
         for axes in views:

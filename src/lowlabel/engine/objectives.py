@@ -18,7 +18,7 @@ from torch import nn
 
 from lowlabel.config import RunConfig, to_dict
 from lowlabel.data.cohort import Cohort
-from lowlabel.engine.inference import predict_logits
+from lowlabel.engine.inference import labels_of, plain, predict_logits
 from lowlabel.engine.runtime import Runtime, adamw
 from lowlabel.engine.semi import MeanTeacher
 from lowlabel.models import transfer
@@ -32,8 +32,8 @@ def validate(model: nn.Module, items: list[dict], cfg: RunConfig) -> dict:
     """Mean Dice (CSF, GM, WM) on the preprocessed grid of the validation subjects."""
     metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=False)
     for item in items:
-        pred = predict_logits(model, item["image"], cfg).argmax(0)
-        truth = torch.as_tensor(item["label"])[None].long()
+        pred = labels_of(plain(predict_logits(model, item["image"], cfg)))
+        truth = plain(torch.as_tensor(item["label"]))[None].long()
         metric(one_hot(pred[None, None], 4), one_hot(truth, 4))
     per_class = metric.aggregate().tolist()
     return {
