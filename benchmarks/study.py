@@ -1,10 +1,11 @@
 """Time the seed study: the ``quick`` profile on the demo cohort, the ``cpu`` profile on a dataset.
 
-Each profile runs from an empty study folder as ``lowlabel study seed --profile P`` in a child
-process; wall time, peak resident memory of the whole process tree (sampled every 0.5 s) and CPU
-time are recorded in ``benchmarks/results/study.json`` (merged, so the profiles can be run
-separately). The ``cpu`` report's markdown is copied to ``benchmarks/results/study_cpu_report.md``
-without its images (the scans may be licensed).
+Each profile runs from an empty study folder (or, with ``--resume``, continues an interrupted one)
+as ``lowlabel study seed --profile P`` in a child process; wall time, peak resident memory of the
+whole process tree (sampled every 0.5 s) and CPU time are recorded in
+``benchmarks/results/study.json`` (merged, so the profiles can be run separately). The ``cpu``
+report's markdown is copied to ``benchmarks/results/study_cpu_report.md`` without its images (the
+scans may be licensed).
 
     nice -n 10 python benchmarks/study.py --profile quick
     nice -n 10 python benchmarks/study.py --profile cpu --data ../shared/data/malf35/dataset.json
@@ -42,11 +43,29 @@ def machine() -> str:
     )
 
 
+CLOCK = "benchmark_clock.json"  # the benchmark's own record of each invocation on a study folder
+
+
 def run_profile(
-    profile: str, data: str | None, out: Path, jobs: int, timeout_min: float = 0.0
+    profile: str,
+    data: str | None,
+    out: Path,
+    jobs: int,
+    timeout_min: float = 0.0,
+    resume: bool = False,
 ) -> dict:
-    if out.exists():
+    finished = len(list((out / "runs").glob("*/result.json")))
+    if finished and not resume:
+        print(
+            f"error: {out} already holds {finished} finished runs: pass --resume to continue "
+            "that study, or delete the folder to start again",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    if out.exists() and not resume:
         shutil.rmtree(out)
+    clock = json.loads((out / CLOCK).read_text()) if resume and (out / CLOCK).exists() else []
+    clock.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": 0.0, "peak_rss_mb": 0})
     cmd = [
         sys.executable,
         "-m",
@@ -70,6 +89,7 @@ def run_profile(
     stop = threading.Event()
 
     def sample() -> None:
+        ticks = 0
         while not stop.is_set():
             try:
                 procs = [proc, *proc.children(recursive=True)]
@@ -77,6 +97,9 @@ def run_profile(
                 peak[0] = max(peak[0], rss / 2**20)
             except psutil.Error:
                 pass
+            ticks += 1
+            if ticks % 20 == 0:  # every 10 s: an invocation killed outright still counts
+                write_clock(out, clock, time.perf_counter() - t0, peak[0])
             stop.wait(0.5)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -98,12 +121,14 @@ def run_profile(
     wall = time.perf_counter() - t0
     stop.set()
     thread.join()
+    write_clock(out, clock, wall, peak[0])
     if stopped and (out / "plan.json").exists():
         subprocess.run([sys.executable, "-m", "lowlabel.cli", "report", str(out)], check=False)
     usage = os.times()
     return {
-        "wall_seconds": round(wall, 1),
-        "peak_rss_mb": round(peak[0], 1),
+        "wall_seconds": round(sum(c["seconds"] for c in clock), 1),
+        **({"wall_seconds_by_invocation": [c["seconds"] for c in clock]} if len(clock) > 1 else {}),
+        "peak_rss_mb": max(c["peak_rss_mb"] for c in clock),
         **folder_facts(out),
         "completed": not stopped and rc == 0,
         "stopped_after_minutes": timeout_min if stopped else None,
@@ -113,6 +138,16 @@ def run_profile(
         "load_average_at_end": [round(x, 1) for x in os.getloadavg()],
         "command": " ".join(["lowlabel", *cmd[3:]]),
     }
+
+
+def write_clock(out: Path, clock: list[dict], seconds: float, peak_mb: float) -> None:
+    """Record the current invocation's wall time and peak memory in the study folder."""
+    if not out.exists():
+        return
+    clock[-1].update(seconds=round(seconds, 1), peak_rss_mb=round(peak_mb, 1))
+    tmp = out / (CLOCK + ".tmp")
+    tmp.write_text(json.dumps(clock, indent=1) + "\n")
+    tmp.replace(out / CLOCK)
 
 
 def folder_facts(out: Path) -> dict:
@@ -279,6 +314,12 @@ def main() -> None:
         "and record whether each study run is within 0.01 mean Dice of it",
     )
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted study in --out/PROFILE (finished runs are kept); its "
+        "wall time adds up every invocation of this benchmark on that folder",
+    )
+    parser.add_argument(
         "--existing",
         action="store_true",
         help="measure the finished study already in --out/PROFILE instead of running it again "
@@ -306,7 +347,9 @@ def main() -> None:
         if args.existing:
             res = measured_in_place(out)
         else:
-            res = run_profile(profile, data, out, args.jobs, args.timeout_minutes)
+            res = run_profile(
+                profile, data, out, args.jobs, args.timeout_minutes, resume=args.resume
+            )
         res.update(quality(out))
         res["benchmark_command"] = "nice -n 10 python benchmarks/study.py " + " ".join(sys.argv[1:])
         res["machine"] = described + (
