@@ -3,10 +3,13 @@ z-scores inside the brain."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 from conftest import phantom, write
+from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.networks.utils import one_hot
 
 from lowlabel.config import DataConfig
@@ -141,3 +144,35 @@ def test_segment_metrics_on_known_volumes():
     m = segment_metrics(worse, truth, (1.0, 1.0, 2.0))
     assert m["avd_wm_ml"] == pytest.approx(100 * 2.0 / 1000)
     assert m["dice_wm"] < 1.0 and m["dice_csf"] == pytest.approx(1.0)
+
+
+def test_segment_metrics_equal_monais_on_the_one_hot_maps():
+    """Counting label pairs and measuring tissue by tissue gives MONAI's Dice and HD95 of the
+    whole one-hot maps, with a tissue missing from the prediction and one missing from both."""
+    rng = np.random.default_rng(0)
+    truth = torch.from_numpy(rng.integers(0, 4, (14, 12, 10)))
+    truth[:, :, :3] = 0
+    pred = truth.clone()
+    pred[rng.random(pred.shape) < 0.2] = 2
+    for case in ("as is", "no CSF predicted", "no CSF anywhere"):
+        p, t = pred.clone(), truth.clone()
+        if case != "as is":
+            p[p == 1] = 0
+        if case == "no CSF anywhere":
+            t[t == 1] = 0
+        spacing = (1.0, 0.8, 2.5)
+        ours = segment_metrics(p, t, spacing)
+        p1, t1 = one_hot(p[None, None], 4), one_hot(t[None, None], 4)
+        dice = DiceMetric(include_background=False, reduction="none", ignore_empty=False)(p1, t1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hd = HausdorffDistanceMetric(include_background=False, percentile=95)(
+                p1, t1, spacing=list(spacing)
+            )
+        for i, tissue in enumerate(("csf", "gm", "wm")):
+            assert ours[f"dice_{tissue}"] == pytest.approx(float(dice[0, i]), abs=1e-6), case
+            np.testing.assert_allclose(ours[f"hd95_{tissue}"], float(hd[0, i]), rtol=1e-6)
+        if case == "no CSF predicted":
+            assert ours["dice_csf"] == 0.0 and np.isnan(ours["hd95_csf"])  # no surface
+        if case == "no CSF anywhere":
+            assert ours["dice_csf"] == 1.0 and np.isnan(ours["hd95_csf"])

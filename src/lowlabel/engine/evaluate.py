@@ -19,8 +19,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.losses import DiceCELoss
-from monai.metrics import DiceMetric, HausdorffDistanceMetric
-from monai.networks.utils import one_hot
+from monai.metrics import compute_hausdorff_distance
 from monai.transforms import Invertd
 from torch import nn
 from tqdm.auto import tqdm
@@ -57,29 +56,38 @@ def to_native(probs: torch.Tensor, image: MetaTensor, pre: Callable) -> torch.Te
 def segment_metrics(pred: torch.Tensor, truth: torch.Tensor, spacing: tuple[float, ...]) -> dict:
     """Dice, HD95 (mm) and absolute volume difference (mL) per tissue.
 
+    Dice and volumes come from one count of (prediction, truth) label pairs; HD95 is MONAI's,
+    tissue by tissue on boolean masks (a float one-hot of the scan would be 4x its size).
+
     Args:
-        pred, truth: ``(X, Y, Z)`` integer label maps on the same grid.
+        pred, truth: ``(X, Y, Z)`` integer label maps on the same grid, labels 0 to 3.
         spacing: voxel size in mm.
     """
-    p = one_hot(pred[None, None].long(), 4)
-    t = one_hot(truth[None, None].long(), 4)
-    dice = DiceMetric(include_background=False, reduction="none", ignore_empty=False)(p, t)[0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # MONAI's own deprecated internal argument
-        hd = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")(
-            p, t, spacing=list(spacing)
-        )[0]
+    n = len(TISSUES) + 1
+    pairs = pred.long().ravel() * n + truth.long().ravel()
+    counts = torch.bincount(pairs, minlength=n * n).reshape(n, n).tolist()  # [pred][truth]
     voxel_ml = float(np.prod(spacing)) / 1000.0
     row = {}
-    for i, name in enumerate(TISSUES):
+    for i, name in enumerate(TISSUES, start=1):
         key = name.lower()
-        row[f"dice_{key}"] = float(dice[i])
-        row[f"hd95_{key}"] = float(hd[i])
-        vp = float((pred == i + 1).sum()) * voxel_ml
-        vt = float((truth == i + 1).sum()) * voxel_ml
-        row[f"vol_{key}_ml"] = vp
-        row[f"true_vol_{key}_ml"] = vt
-        row[f"avd_{key}_ml"] = abs(vp - vt)
+        both, p, t = counts[i][i], sum(counts[i]), sum(c[i] for c in counts)
+        row[f"dice_{key}"] = 2.0 * both / (p + t) if p + t else 1.0  # both empty: agreement
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # MONAI's own deprecated argument
+            # an absent tissue gives inf (nan if absent from both); MONAI's warning would name
+            # it "class 0", the only channel it sees
+            warnings.filterwarnings("ignore", "the (prediction|ground truth) of class", UserWarning)
+            hd = compute_hausdorff_distance(
+                (pred == i)[None, None],
+                (truth == i)[None, None],
+                include_background=True,
+                percentile=95,
+                spacing=list(spacing),
+            )
+        row[f"hd95_{key}"] = float(hd[0, 0])
+        row[f"vol_{key}_ml"] = p * voxel_ml
+        row[f"true_vol_{key}_ml"] = t * voxel_ml
+        row[f"avd_{key}_ml"] = abs(p - t) * voxel_ml
     row["mean_dice"] = float(np.mean([row[f"dice_{t.lower()}"] for t in TISSUES]))
     row["hd95_mean"] = float(np.nanmean([row[f"hd95_{t.lower()}"] for t in TISSUES]))
     return row
