@@ -74,8 +74,8 @@ def segment_metrics(pred: torch.Tensor, truth: torch.Tensor, spacing: tuple[floa
         row[f"dice_{key}"] = 2.0 * both / (p + t) if p + t else 1.0  # both empty: agreement
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # MONAI's own deprecated argument
-            # an absent tissue gives inf (nan if absent from both); MONAI's warning would name
-            # it "class 0", the only channel it sees
+            # a tissue missing from either map has no HD95 (nan); MONAI's warning would call
+            # it "class 0", the only channel it is given
             warnings.filterwarnings("ignore", "the (prediction|ground truth) of class", UserWarning)
             hd = compute_hausdorff_distance(
                 (pred == i)[None, None],
