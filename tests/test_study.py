@@ -93,7 +93,7 @@ def test_profile_scales_steps(tmp_path):
     assert {c.seed for c in cpu} == {0, 1, 2, 3, 4}
     assert {c.cfg.data.draw for c in train} == {0, 1, 2, 3, 4}
     pre = next(c for c in cpu if c.kind == "pretrain" and c.cfg.pretrain.method == "autoencoder")
-    assert pre.cfg.pretrain.steps == 1500 and pre.cfg.pretrain.save_steps == (250, 500, 750, 1500)
+    assert pre.cfg.pretrain.steps == 750 and pre.cfg.pretrain.save_steps == (250, 500, 750)
     big = next(
         c for c in paper.values() if c.labels.get("1a") == {"model": "3-level", "data": "full"}
     )
