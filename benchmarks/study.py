@@ -9,6 +9,9 @@ scans may be licensed).
 
     nice -n 10 python benchmarks/study.py --profile quick
     nice -n 10 python benchmarks/study.py --profile cpu --data ../shared/data/malf35/dataset.json
+
+``--reference-runs N`` then retrains N of the study's runs 4x as long to check convergence;
+``--reference-only`` runs that check alone on a study already measured.
 """
 
 from __future__ import annotations
@@ -326,6 +329,12 @@ def main() -> None:
         "(wall time from the study's own clock; no memory sampling)",
     )
     parser.add_argument(
+        "--reference-only",
+        action="store_true",
+        help="only run the --reference-runs check on the finished study in --out/PROFILE and add "
+        "it to that profile's entry in study.json (kept as the study measured it)",
+    )
+    parser.add_argument(
         "--fresh-cache",
         action="store_true",
         help="start from an empty LOWLABEL_CACHE, as a new user does (the demo cohort is made "
@@ -343,6 +352,16 @@ def main() -> None:
     for profile in profiles:
         data = args.data if profile == "cpu" else None
         out = Path(args.out) / profile
+        if args.reference_only:
+            res = results.get(profile)
+            if not res or Path(res.get("study_dir", "")).resolve() != out.resolve():
+                sys.exit(f"error: study.json holds no {profile} study measured in {out}")
+            res["converged_reference"] = reference_check(
+                out, args.reference_runs or 4, jobs=args.jobs or os.cpu_count() or 1
+            )
+            path.write_text(json.dumps(results, indent=2) + "\n")
+            print(json.dumps({profile: res["converged_reference"]}, indent=1))
+            continue
         described = machine()  # with the load average before the run
         if args.existing:
             res = measured_in_place(out)
