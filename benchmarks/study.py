@@ -10,8 +10,9 @@ scans may be licensed).
     nice -n 10 python benchmarks/study.py --profile quick
     nice -n 10 python benchmarks/study.py --profile cpu --data ../shared/data/malf35/dataset.json
 
-``--reference-runs N`` then retrains N of the study's runs 4x as long to check convergence;
-``--reference-only`` runs that check alone on a study already measured.
+``--reference-runs N`` then retrains N of the study's runs 4x as long to check convergence.
+``study.json`` records the runs to check with their configs, so ``--reference-only`` can run
+that check alone later, also on another machine or after the study folder is gone.
 """
 
 from __future__ import annotations
@@ -225,16 +226,11 @@ def quality(out: Path) -> dict:
     }
 
 
-def reference_check(
-    out: Path, runs: int, factor: int = 4, margin: float = 0.01, jobs: int = 2
-) -> dict:
-    """Convergence against longer training: ``runs`` of the study's finished training runs (seed
-    0, one per table where it can, scratch first) are trained again from their own config with
-    ``factor`` times the step budget, no early stopping and the learning rate annealed to zero
-    over it (``poly``), ``jobs`` at a time; a run passes when
-    its test mean Dice is within ``margin`` of (or above) its reference's."""
+def reference_candidates(out: Path, runs: int = 4) -> list[dict]:
+    """The study's finished training runs to check against longer training: ``runs`` of seed 0,
+    one per table where it can, scratch first, each with its config and what it reached, so that
+    the check can also run later, from ``study.json`` alone, once the study folder is gone."""
     import csv
-    from concurrent.futures import ThreadPoolExecutor
 
     import yaml
 
@@ -251,13 +247,36 @@ def reference_check(
         if table not in {c["tables"].split(":")[0] for c in chosen}:
             chosen.append(r)
     chosen += [r for r in rows if r not in chosen]
+    return [
+        {
+            "run": Path(r["run_dir"]).name,
+            "table": r["tables"].split(":")[0],
+            "steps": int(r["steps"]),
+            "best_step": int(r["best_step"]) if r["best_step"] else None,
+            "mean_dice": round(float(r["mean_dice"]), 4),
+            "config": yaml.safe_load((Path(r["run_dir"]) / "config.yaml").read_text()),
+        }
+        for r in chosen[:runs]
+    ]
 
-    def check(i: int, r: dict) -> dict:
-        run = Path(r["run_dir"])
-        cfg = yaml.safe_load((run / "config.yaml").read_text())
-        budget = int(cfg["train"]["steps"])
-        ref_out = out / "reference" / str(i)  # one folder per check: they run side by side
-        cmd = [sys.executable, "-m", "lowlabel.cli", "train", "-c", str(run / "config.yaml")]
+
+def reference_check(
+    candidates: list[dict], work: Path, factor: int = 4, margin: float = 0.01, jobs: int = 2
+) -> dict:
+    """Convergence against longer training: each candidate run (``reference_candidates``) is
+    trained again from its own config with ``factor`` times the step budget, no early stopping and
+    the learning rate annealed to zero over it (``poly``), ``jobs`` at a time, in ``work``; a run
+    passes when its test mean Dice is within ``margin`` of (or above) its reference's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import yaml
+
+    def check(i: int, c: dict) -> dict:
+        budget = int(c["config"]["train"]["steps"])
+        ref_out = work / str(i)  # one folder per check: they run side by side
+        ref_out.mkdir(parents=True, exist_ok=True)
+        (ref_out / "study_run.yaml").write_text(yaml.safe_dump(c["config"], sort_keys=False))
+        cmd = [sys.executable, "-m", "lowlabel.cli", "train", "-c", str(ref_out / "study_run.yaml")]
         cmd += ["--out", str(ref_out), "--resume", "--quiet"]
         cmd += ["--set", f"train.steps={factor * budget}", "--set", "train.patience=0"]
         cmd += ["--set", "train.schedule=poly"]  # annealed to zero over the longer budget
@@ -265,13 +284,13 @@ def reference_check(
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         (ref_dir,) = {p.parent for p in ref_out.glob("*/result.json")}
         ref = json.loads((ref_dir / "result.json").read_text())
-        dice, ref_dice = float(r["mean_dice"]), float(ref["test"]["mean_dice"])
+        dice, ref_dice = c["mean_dice"], float(ref["test"]["mean_dice"])
         return {
-            "run": run.name,
-            "table": r["tables"].split(":")[0],
-            "steps": int(r["steps"]),
+            "run": c["run"],
+            "table": c["table"],
+            "steps": c["steps"],
             "budget": budget,
-            "mean_dice": round(dice, 4),
+            "mean_dice": dice,
             "reference_steps": ref["steps"],
             "reference_best_step": ref["best_step"],
             "reference_mean_dice": round(ref_dice, 4),
@@ -281,14 +300,18 @@ def reference_check(
         }
 
     t0 = time.perf_counter()
+    load = [round(x, 2) for x in os.getloadavg()]
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        checks = list(pool.map(check, range(runs), chosen[:runs]))
+        checks = list(pool.map(check, range(len(candidates)), candidates))
     return {
         "share": round(sum(c["passed"] for c in checks) / len(checks), 3) if checks else None,
-        "how": f"{len(checks)} runs retrained from their own config with {factor}x the step "
-        f"budget, no early stopping and a poly-annealed learning rate; passed when the study's "
-        f"run is within {margin} test mean Dice of that reference (or above it)",
+        "how": f"{len(checks)} runs of seed 0 (one per table) retrained from their own config "
+        f"with {factor}x the step budget, no early stopping and a poly-annealed learning rate; "
+        f"passed when the study's run is within {margin} test mean Dice of that reference (or "
+        "above it)",
         "wall_seconds": round(time.perf_counter() - t0, 1),
+        "machine": machine(),
+        "load_average_before": load,
         "checks": checks,
     }
 
@@ -331,8 +354,9 @@ def main() -> None:
     parser.add_argument(
         "--reference-only",
         action="store_true",
-        help="only run the --reference-runs check on the finished study in --out/PROFILE and add "
-        "it to that profile's entry in study.json (kept as the study measured it)",
+        help="only run the --reference-runs check (default: all the recorded candidates) on the "
+        "runs that study.json records for PROFILE, in --out/PROFILE/reference, and add it to "
+        "that profile's entry; the study's own folder is not needed",
     )
     parser.add_argument(
         "--fresh-cache",
@@ -352,12 +376,18 @@ def main() -> None:
     for profile in profiles:
         data = args.data if profile == "cpu" else None
         out = Path(args.out) / profile
-        if args.reference_only:
-            res = results.get(profile)
-            if not res or Path(res.get("study_dir", "")).resolve() != out.resolve():
-                sys.exit(f"error: study.json holds no {profile} study measured in {out}")
+        if args.reference_only:  # the study's recorded candidates: its folder may be gone
+            res = results.get(profile) or {}
+            candidates = res.get("reference_candidates")
+            if not candidates:
+                sys.exit(f"error: study.json records no {profile} runs to check: measure the study")
             res["converged_reference"] = reference_check(
-                out, args.reference_runs or 4, jobs=args.jobs or os.cpu_count() or 1
+                candidates[: args.reference_runs or None],
+                out / "reference",
+                jobs=args.jobs or os.cpu_count() or 1,
+            )
+            res["converged_reference"]["command"] = "nice -n 10 python benchmarks/study.py " + (
+                " ".join(sys.argv[1:])
             )
             path.write_text(json.dumps(results, indent=2) + "\n")
             print(json.dumps({profile: res["converged_reference"]}, indent=1))
@@ -370,6 +400,8 @@ def main() -> None:
                 profile, data, out, args.jobs, args.timeout_minutes, resume=args.resume
             )
         res.update(quality(out))
+        if (out / "runs.csv").exists():
+            res["reference_candidates"] = reference_candidates(out, max(4, args.reference_runs))
         res["benchmark_command"] = "nice -n 10 python benchmarks/study.py " + " ".join(sys.argv[1:])
         res["machine"] = described + (
             " (at measuring; the study ran before)" if args.existing else ""
@@ -395,9 +427,11 @@ def main() -> None:
             (RESULTS / "study_cpu_report.md").write_text(text)
         RESULTS.mkdir(exist_ok=True)
         path.write_text(json.dumps(results, indent=2) + "\n")  # kept if the check below fails
-        if args.reference_runs and (out / "runs.csv").exists():
+        if args.reference_runs and res.get("reference_candidates"):
             res["converged_reference"] = reference_check(
-                out, args.reference_runs, jobs=args.jobs or os.cpu_count() or 1
+                res["reference_candidates"][: args.reference_runs],
+                out / "reference",
+                jobs=args.jobs or os.cpu_count() or 1,
             )
             path.write_text(json.dumps(results, indent=2) + "\n")
         print(json.dumps({profile: res}, indent=1))
