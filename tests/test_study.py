@@ -318,6 +318,32 @@ def test_claims_table_has_a_row_for_every_comparison_of_the_shipped_study(tmp_pa
     assert recon[3] == "holds" and recon[4].startswith("agrees: lower")
 
 
+def test_reconstruction_claim_compares_the_first_and_last_saved_checkpoints(tmp_path):
+    # reconstruction improves a lot from the first validation to the first checkpoint, then gets
+    # worse by the last one: the claim is about training longer, so it must say "contradicts"
+    from lowlabel.study.report.tables import pretrain_claims
+
+    study = study_spec.load_study("seed")
+    cells = study_spec.expand(study, "quick", None, tmp_path / "st", seeds=[0, 1, 2, 3, 4])
+    plan = json.loads(study_spec.plan_json(study, "quick", cells))
+    plan["steps"] = {t: [3, 5] for t in plan["steps"]}
+    runs = _fake_runs(plan, {})
+    for run in runs:
+        if run.kind == "pretrain":
+            j = 0.001 * run.seed
+            run.metrics = [
+                {"step": 1, "val_mse": 1.0 + j},
+                {"step": 2, "val_mse": 0.5 + j},
+                {"step": 3, "val_mse": 0.2 + j},
+                {"step": 4, "val_mse": 0.205 + j},  # checkpoint 5 reads this validation
+                {"step": 6, "val_mse": 0.1 + j},  # after the last checkpoint: not read
+            ]
+    ((claim, diff, expect),) = [c for c in pretrain_claims(plan, runs) if "2a:" in c[1].name]
+    assert claim == study.tables["2a"]["claim"] and expect == "lower"
+    assert diff.name == "2a: val MSE at step 4 vs 3"
+    assert diff.diff.mean == pytest.approx(0.005) and diff.decision == "holds"
+
+
 def test_report_tables_flag_unconverged_runs_and_identical_cells(tmp_path):
     from lowlabel.study.report.render import data_words, training_words
     from lowlabel.study.report.tables import surface_table, train_table
