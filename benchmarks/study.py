@@ -261,12 +261,13 @@ def reference_candidates(out: Path, runs: int = 4) -> list[dict]:
 
 
 def reference_check(
-    candidates: list[dict], work: Path, factor: int = 4, margin: float = 0.01, jobs: int = 2
+    candidates: list[dict], work: Path, jobs: int = 0, factor: int = 4, margin: float = 0.01
 ) -> dict:
     """Convergence against longer training: each candidate run (``reference_candidates``) is
     trained again from its own config with ``factor`` times the step budget, no early stopping and
-    the learning rate annealed to zero over it (``poly``), ``jobs`` at a time, in ``work``; a run
-    passes when its test mean Dice is within ``margin`` of (or above) its reference's."""
+    the learning rate annealed to zero over it (``poly``), ``jobs`` at a time (0: one per core),
+    in ``work``; a run passes when its test mean Dice is within ``margin`` of (or above) its
+    reference's."""
     from concurrent.futures import ThreadPoolExecutor
 
     import yaml
@@ -301,7 +302,7 @@ def reference_check(
 
     t0 = time.perf_counter()
     load = [round(x, 2) for x in os.getloadavg()]
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
         checks = list(pool.map(check, range(len(candidates)), candidates))
     return {
         "share": round(sum(c["passed"] for c in checks) / len(checks), 3) if checks else None,
@@ -382,9 +383,7 @@ def main() -> None:
             if not candidates:
                 sys.exit(f"error: study.json records no {profile} runs to check: measure the study")
             res["converged_reference"] = reference_check(
-                candidates[: args.reference_runs or None],
-                out / "reference",
-                jobs=args.jobs or os.cpu_count() or 1,
+                candidates[: args.reference_runs or None], out / "reference", args.jobs
             )
             res["converged_reference"]["command"] = "nice -n 10 python benchmarks/study.py " + (
                 " ".join(sys.argv[1:])
@@ -429,9 +428,7 @@ def main() -> None:
         path.write_text(json.dumps(results, indent=2) + "\n")  # kept if the check below fails
         if args.reference_runs and res.get("reference_candidates"):
             res["converged_reference"] = reference_check(
-                res["reference_candidates"][: args.reference_runs],
-                out / "reference",
-                jobs=args.jobs or os.cpu_count() or 1,
+                res["reference_candidates"][: args.reference_runs], out / "reference", args.jobs
             )
             path.write_text(json.dumps(results, indent=2) + "\n")
         print(json.dumps({profile: res}, indent=1))

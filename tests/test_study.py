@@ -321,7 +321,7 @@ def test_claims_table_has_a_row_for_every_comparison_of_the_shipped_study(tmp_pa
 def test_reconstruction_claim_compares_the_first_and_last_saved_checkpoints(tmp_path):
     # reconstruction improves a lot from the first validation to the first checkpoint, then gets
     # worse by the last one: the claim is about training longer, so it must say "contradicts"
-    from lowlabel.study.report.tables import pretrain_claims
+    from lowlabel.study.report.tables import answer, pretrain_claims
 
     study = study_spec.load_study("seed")
     cells = study_spec.expand(study, "quick", None, tmp_path / "st", seeds=[0, 1, 2, 3, 4])
@@ -342,6 +342,7 @@ def test_reconstruction_claim_compares_the_first_and_last_saved_checkpoints(tmp_
     assert claim == study.tables["2a"]["claim"] and expect == "lower"
     assert diff.name == "2a: val MSE at step 4 vs 3"
     assert diff.diff.mean == pytest.approx(0.005) and diff.decision == "holds"
+    assert answer(diff, expect).startswith("contradicts")
 
 
 def test_report_tables_flag_unconverged_runs_and_identical_cells(tmp_path):
