@@ -43,8 +43,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from study import machine  # noqa: E402  (benchmarks/study.py: the same machine line)
 
-STEP_LEVER_BATCHES = 23  # per network and mode: 3 warm-up steps, 20 timed
-
 
 def report_steps(report: Path) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
     """``{table: {((axis, level), ...): mean steps run}}`` from a study report's tables."""
@@ -143,59 +141,36 @@ def eval_parts(run_dir: Path) -> dict:
     return out
 
 
-def step_levers(configs: dict[str, object]) -> dict:
-    """Training-step time per network on synthetic batches, 1 thread: eager (the profile),
-    channels-last and ``torch.compile``, each in a fresh process."""
+LEVERS = [
+    ("eager", 1, {}),
+    ("channels_last", 1, {"train.channels_last": True}),
+    ("compile", 1, {"train.compile": True}),
+]
+LEVER_CODE = (
+    "import json, sys; sys.path.insert(0, sys.argv[1]); from train_speed import lever_times; "
+    "from lowlabel.config import from_dict; "
+    "print(json.dumps(lever_times(from_dict(json.loads(sys.argv[2])), json.loads(sys.argv[3]))))"
+)
+
+
+def step_levers(configs: dict[str, dict]) -> dict:
+    """Training-step time per network on synthetic batches at 1 thread (``train_speed``'s
+    ``lever_times``): the profile's step, channels-last and ``torch.compile``, each network in a
+    fresh process with a fresh compile cache, so the first compiled step pays the whole compile."""
     import subprocess
 
+    here = str(Path(__file__).resolve().parent)
     out: dict[str, dict] = {}
     for name, cfg in configs.items():
-        out[name] = {}
-        for mode in ("eager", "channels_last", "compile"):
-            code = STEP_CODE.format(config=json.dumps(cfg), mode=mode, n=STEP_LEVER_BATCHES)
-            res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-            if res.returncode:
-                out[name][mode] = {"error": res.stderr.strip().splitlines()[-1]}
-                continue
-            out[name][mode] = json.loads(res.stdout.strip().splitlines()[-1])
-        base = out[name]["eager"].get("step_s")
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="inductor-"))
+        cmd = [sys.executable, "-c", LEVER_CODE, here, json.dumps(cfg), json.dumps(LEVERS)]
+        res = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+        times = json.loads(res.stdout.strip().splitlines()[-1])
+        base = times["eager"]["s_per_step"]
         for mode in ("channels_last", "compile"):
-            if base and out[name][mode].get("step_s"):
-                out[name][mode]["speedup"] = round(base / out[name][mode]["step_s"], 2)
+            times[mode]["speedup"] = round(base / times[mode]["s_per_step"], 2)
+        out[name] = times
     return out
-
-
-STEP_CODE = """
-import json, time, torch
-from lowlabel.config import from_dict
-from lowlabel.engine.objectives import SegmentationLoss
-from lowlabel.models.unet import build_model
-torch.set_num_threads(1)
-cfg = from_dict(json.loads('''{config}'''))
-torch.manual_seed(0)
-model = build_model(cfg.model, cfg.data.spatial_dims)
-shape = (cfg.train.batch_size, 1, *cfg.data.patch_size)
-x, y = torch.randn(shape), torch.randint(0, 4, shape)
-if "{mode}" == "channels_last":
-    model = model.to(memory_format=torch.channels_last)
-    x = x.contiguous(memory_format=torch.channels_last)
-net = torch.compile(model) if "{mode}" == "compile" else model
-opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-loss_fn = SegmentationLoss(cfg)
-t0 = time.perf_counter()
-for i in range({n}):
-    if i == 1:
-        first = time.perf_counter() - t0
-    if i == 3:
-        t = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
-        loss = loss_fn(net(x), y)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-step_s = (time.perf_counter() - t) / ({n} - 3)
-print(json.dumps({{"step_s": round(step_s, 4), "first_step_s": round(first, 1)}}))
-"""
 
 
 def main() -> None:
@@ -222,7 +197,7 @@ def main() -> None:
     overrides = {"train.steps": args.steps}  # patience as in the profile: it names the runs
     overrides["pretrain.steps"] = args.pretrain_steps
     t0 = time.perf_counter()
-    run_study(
+    short = run_study(
         study,
         "cpu",
         args.data,
@@ -326,6 +301,8 @@ def main() -> None:
             "pretrain_steps": args.pretrain_steps,
             "jobs": args.jobs,
             "wall_seconds_this_invocation": round(short_wall, 1),
+            "ran_now": short.ran,
+            "reused_from_an_earlier_invocation": short.skipped,
         },
         "unit_seconds": {
             net: {

@@ -340,15 +340,60 @@ def side_by_side(cfg, steps: int, chunk: int, target: float) -> dict:
 # compute: FLOPs, matrix-multiply peak, levers on synthetic batches
 
 
+def lever_setup(cfg):
+    """A fresh network (``prepare_model``: memory format and compile as ``cfg`` says), its
+    optimizer and loss, and one synthetic batch of ``cfg``'s patches in the network's format."""
+    import torch
+    from monai.losses import DiceCELoss
+
+    from lowlabel.engine.runtime import prepare_model, seed_everything
+    from lowlabel.models.unet import build_model
+
+    shape = (cfg.train.batch_size, 1, *cfg.data.patch_size)
+    gen = torch.Generator().manual_seed(0)
+    image, label = torch.randn(shape, generator=gen), torch.randint(0, 4, shape, generator=gen)
+    if cfg.train.channels_last:
+        fmt = torch.channels_last_3d if cfg.data.spatial_dims == 3 else torch.channels_last
+        image = image.contiguous(memory_format=fmt)
+    seed_everything(0)
+    model = build_model(cfg.model, cfg.data.spatial_dims)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    return prepare_model(model, cfg), opt, loss_fn, image, label.float()
+
+
+def lever_times(cfg, variants: list[tuple[str, int, dict]], repeats: int = 8) -> dict:
+    """Training-step time of each ``(name, threads, overrides)`` variant of ``cfg`` on synthetic
+    batches: the first step (a compile pays there) and the median of ``repeats`` more."""
+    import torch
+
+    out = {}
+    for name, threads, extra in variants:
+        torch.set_num_threads(threads)
+        c = cfg.replace(**extra)
+        net, opt, loss_fn, image, label = lever_setup(c)
+        bf16 = c.train.precision == "bf16"
+        t = time.perf_counter()
+        train_step(net, opt, loss_fn, image, label, bf16)
+        first = time.perf_counter() - t
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            train_step(net, opt, loss_fn, image, label, bf16)
+            times.append(time.perf_counter() - t)
+        out[name] = {
+            "s_per_step": round(sorted(times)[len(times) // 2], 4),
+            "first_step_s": round(first, 2),
+        }
+    return out
+
+
 def compute(cfg_json: str) -> None:
     """Runs in its own process; prints one JSON object."""
     import torch
-    from monai.losses import DiceCELoss
     from torch.utils.flop_counter import FlopCounterMode
 
     from lowlabel.config import from_dict
-    from lowlabel.engine.runtime import prepare_model, seed_everything
-    from lowlabel.models.unet import build_model
 
     cfg = from_dict(json.loads(cfg_json))
     peak = {}  # best of 8, so a time slice lost to other jobs does not count
@@ -364,23 +409,11 @@ def compute(cfg_json: str) -> None:
                 best = min(best, time.perf_counter() - t)
             peak[name + suffix] = round(2 * 2048**3 / best / 1e9, 1)
 
-    shape = (cfg.train.batch_size, 1, *cfg.data.patch_size)
-    gen = torch.Generator().manual_seed(0)
-    image, label = torch.randn(shape, generator=gen), torch.randint(0, 4, shape, generator=gen)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-
-    def setup(c):
-        seed_everything(0)
-        model = build_model(c.model, c.data.spatial_dims)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        return prepare_model(model, c), opt
-
-    net, opt = setup(cfg)
+    net, opt, loss_fn, image, label = lever_setup(cfg)
     with FlopCounterMode(display=False) as counter:
-        train_step(net, opt, loss_fn, image, label.float(), False)
+        train_step(net, opt, loss_fn, image, label, False)
     gflops = counter.get_total_flops() / 1e9
 
-    levers = {}
     variants = [
         ("fp32_2_threads", 2, {}),
         ("fp32_1_thread", 1, {}),
@@ -388,29 +421,9 @@ def compute(cfg_json: str) -> None:
         ("bf16_1_thread", 1, {"train.precision": "bf16"}),
         ("compile_1_thread", 1, {"train.compile": True}),
     ]
-    for name, threads, extra in variants:
-        torch.set_num_threads(threads)
-        c = cfg.replace(**extra)
-        net, opt = setup(c)
-        x = (
-            image.contiguous(memory_format=torch.channels_last_3d)
-            if c.train.channels_last
-            else image
-        )
-        t = time.perf_counter()
-        train_step(net, opt, loss_fn, x, label.float(), c.train.precision == "bf16")
-        first = time.perf_counter() - t
-        times = []
-        for _ in range(8):
-            t = time.perf_counter()
-            train_step(net, opt, loss_fn, x, label.float(), c.train.precision == "bf16")
-            times.append(time.perf_counter() - t)
-        median = sorted(times)[len(times) // 2]
-        levers[name] = {
-            "s_per_step": round(median, 4),
-            "first_step_s": round(first, 2),
-            "gflop_per_s": round(gflops / median, 1),
-        }
+    levers = lever_times(cfg, variants)
+    for lever in levers.values():
+        lever["gflop_per_s"] = round(gflops / lever["s_per_step"], 1)
     print(
         json.dumps(
             {"gflops_per_step": round(gflops, 3), "gemm_peak_gflop_per_s": peak, "levers": levers}
